@@ -12,7 +12,7 @@ SHARED_DATA = SHARED / "data"
 SHARED_MODEL = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 64, dtype: torch.dtype = torch.float32):
+def tiny_llama(seed: int = 0, vocab_size: int = 320, dtype: torch.dtype = torch.float32):
     """A 2-layer random Llama small enough to train in milliseconds."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -33,3 +33,37 @@ def llama():
 requires_shared = pytest.mark.skipif(
     not (SHARED_MODEL.exists() and SHARED_DATA.exists()), reason="shared model/data not present"
 )
+
+
+_TOKENIZER_CORPUS = [
+    "Select one of the choices that answers the following question: Choices: A. B. C. D. Answer:",
+    "Question: Which of these is a mammal?\nAnswer: a whale a shark a trout a frog",
+    "Answer the question with only True or False: Context: True False",
+    "The trophy does not fit into the suitcase because the _ is too large.",
+]
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in memory (no hub): every string is encodable, vocab < 320."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_TOKENIZER_CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )
+
+
+TINY_VOCAB = 320
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
