@@ -1,0 +1,196 @@
+"""The ``varlora`` command line: train, eval, demo, experiment, tasks.
+
+Options of ``train`` are generated from the config dataclasses (``--<group>.<field>``, help from the
+field's metadata), and a recipe file (YAML or JSON, the layout of ``config.json``) can set them first:
+``varlora train --config recipes/arc_easy_ivon.yaml --train.steps 50 --run-dir runs/x``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from varlora.config import CONFIG_GROUPS, ConfigError, RunConfig
+
+__all__ = ["main", "build_parser", "config_from_args"]
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional(parse):
+    def parse_optional(text: str):
+        return None if text.lower() in ("none", "null") else parse(text)
+
+    return parse_optional
+
+
+def _argument_spec(annotation: Any) -> dict[str, Any]:
+    """argparse keyword arguments for a dataclass field annotation."""
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        spec = _argument_spec(inner[0])
+        spec["type"] = _optional(spec["type"])
+        return spec
+    if origin is Literal:
+        return {"type": str, "choices": list(get_args(annotation))}
+    if origin is list:
+        (item,) = get_args(annotation)
+        return {"type": item, "nargs": "+"}
+    if annotation is bool:
+        return {"type": _parse_bool, "metavar": "BOOL"}
+    return {"type": annotation}
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    for group_name, group_cls in CONFIG_GROUPS.items():
+        group = parser.add_argument_group(group_name, group_cls.__doc__)
+        hints = typing.get_type_hints(group_cls)
+        for f in fields(group_cls):
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            group.add_argument(f"--{group_name}.{f.name}", dest=f"{group_name}.{f.name}", default=None,
+                               help=f"{f.metadata.get('help', '')} (default: {default})",
+                               **_argument_spec(hints[f.name]))
+
+
+def _read_recipe(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"recipe file not found: {file}")
+    text = file.read_text()
+    if file.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{file}: not valid YAML ({err})") from err
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{file}: line {err.lineno}: not valid JSON ({err.msg})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Recipe file (if any), then every ``--group.field`` given on the command line on top."""
+    data = _read_recipe(args.config) if getattr(args, "config", None) else {}
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            group, name = key.split(".", 1)
+            data.setdefault(group, {})[name] = value
+    return RunConfig.from_dict(data, source=getattr(args, "config", None) or "command line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="varlora", description="Variational LoRA fine-tuning with IVON.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune LoRA with AdamW or IVON, then evaluate (resumable)")
+    train.add_argument("--run-dir", required=True, help="run folder; rerunning the same command resumes it")
+    train.add_argument("--config", help="recipe file (YAML or JSON) with the sections of config.json")
+    _add_config_options(train)
+
+    evaluate = sub.add_parser("eval", help="reload a finished run's posterior and evaluate it")
+    evaluate.add_argument("run_dir", help="a run folder written by `varlora train`")
+    evaluate.add_argument("--task", action="append", help="task to evaluate on (repeatable; default: the run's)")
+    evaluate.add_argument("--taus", type=float, nargs="+", help="variance scales (default: the run's)")
+    evaluate.add_argument("--n-samples", type=int, help="posterior samples (default: the run's)")
+    evaluate.add_argument("--n-bins", type=int, help="ECE bins (default: the run's)")
+
+    demo = sub.add_parser("demo", help="offline demo: SmolLM2-135M on ARC-Easy, AdamW vs IVON, table and plots")
+    demo.add_argument("--out", default="runs/demo", help="output folder (a rerun resumes it)")
+    demo.add_argument("--steps", type=int, default=None, help="override the demo's training steps")
+
+    experiment = sub.add_parser("experiment", help="the paper's comparison over tasks and seeds (resumable)")
+    experiment.add_argument("preset", help="preset name (cpu, paper) or a recipe file")
+    experiment.add_argument("--out", default=None, help="runs folder (default: runs/experiment-<preset>)")
+    experiment.add_argument("--results", default=None, help="report folder (default: results/experiment-<preset>)")
+    experiment.add_argument("--tasks", nargs="+", help="subset of the preset's tasks")
+    experiment.add_argument("--seeds", type=int, nargs="+", help="subset of the preset's seeds")
+    experiment.add_argument("--report-only", action="store_true", help="only rebuild tables and plots")
+
+    sub.add_parser("tasks", help="list the registered tasks")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from varlora.train import train_run
+
+    train_run(config_from_args(args), args.run_dir)
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from varlora.train import RunPaths, evaluate_run, load_final, setup
+
+    paths = RunPaths(Path(args.run_dir))
+    if not paths.config.exists():
+        raise ConfigError(f"{paths.root} is not a run folder (no config.json)")
+    config = RunConfig.load(paths.config)
+    overrides = {k: v for k, v in (("taus", args.taus), ("n_samples", args.n_samples), ("n_bins", args.n_bins))
+                 if v is not None}
+    config.eval = replace(config.eval, **overrides)
+    session = setup(config, paths.root, need_train=False)
+    posterior = load_final(session)
+    saved = {t: json.loads(paths.eval_json(t).read_text()) for t in (args.task or [config.data.task])
+             if paths.eval_json(t).exists()}
+    for task_name in args.task or [config.data.task]:
+        predictions = evaluate_run(session, posterior, task_name)
+        if task_name in saved and not overrides:
+            same = all(saved[task_name]["methods"].get(p.method, {}).get(k) == v
+                       for p in predictions for k, v in p.metrics.items())
+            print(f"{task_name}: {'reproduces' if same else 'DIFFERS FROM'} the metrics saved by training")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from varlora.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps)
+
+
+def _cmd_experiment(args: argparse.Namespace) -> None:
+    from varlora.experiment import run_experiment
+
+    run_experiment(args.preset, out=args.out, results=args.results, tasks=args.tasks, seeds=args.seeds,
+                   report_only=args.report_only)
+
+
+def _cmd_tasks(args: argparse.Namespace) -> None:
+    from varlora.tasks import get_task, list_tasks
+
+    for name in list_tasks():
+        print(f"{name:28} {get_task(name).num_choices} choices")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "experiment": _cmd_experiment,
+               "tasks": _cmd_tasks}[args.command]
+    try:
+        handler(args)
+    except (ValueError, FileNotFoundError) as err:  # ConfigError, DataError, ModelLoadError are ValueErrors
+        print(f"varlora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The paper's comparison as one resumable command: variants × tasks × seeds, then tables and figures.
+
+A preset (``src/varlora/recipes/experiment_<name>.yaml`` or any YAML file) has::
+
+    description: what it runs and on what budget (printed in the report)
+    base: {section: {field: value}}          RunConfig sections shared by all runs
+    variants: {name: {section: {...}}}       e.g. adamw / ivon, or a tuning grid
+    tasks: {task: {section: {...}} | null}   per-task overrides (applied last)
+    seeds: [21, 42, 87]
+
+Runs go to ``<out>/<task>/<variant>/seed<seed>`` (each an ordinary ``varlora train`` folder, so a rerun
+resumes the one that was killed and skips the finished ones); the report (``table.md``, ``table.csv``,
+``runs.csv`` and the PNGs) goes to ``<results>``, rewritten after every finished run. Seeds are the
+outer loop, so a partial experiment has complete tables for its first seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from varlora import _io, report
+from varlora.config import ConfigError, RunConfig
+
+__all__ = ["Preset", "load_preset", "run_configs", "run_experiment", "write_report"]
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str
+    base: dict[str, Any]
+    variants: dict[str, dict[str, Any]]
+    tasks: dict[str, dict[str, Any]]
+    seeds: list[int]
+    source: str
+
+
+def _merge(into: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into a copy of ``into`` (mappings merge, everything else replaces)."""
+    merged = copy.deepcopy(into)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """A shipped preset by name (``cpu``, ``paper``, ``tune-cpu``) or a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"preset file not found: {path}")
+        text, source = path.read_text(), str(path)
+    else:
+        resource = resources.files("varlora") / "recipes" / f"experiment_{name_or_path.replace('-', '_')}.yaml"
+        if not resource.is_file():
+            shipped = sorted(p.name for p in (resources.files("varlora") / "recipes").iterdir())
+            raise ConfigError(f"unknown preset {name_or_path!r}; shipped: {shipped}")
+        text, source = resource.read_text(), str(resource)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({err})") from err
+    required = {"description", "base", "variants", "tasks", "seeds"}
+    if not isinstance(data, dict) or required - set(data):
+        raise ConfigError(f"{source}: a preset needs the keys {sorted(required)}")
+    unknown = set(data) - required
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)}")
+    tasks = {task: overrides or {} for task, overrides in data["tasks"].items()}
+    preset = Preset(path.stem if path.suffix else name_or_path, data["description"].strip(), data["base"],
+                    data["variants"], tasks, [int(s) for s in data["seeds"]], source)
+    run_configs(preset)  # validate every run's config up front
+    return preset
+
+
+def run_configs(preset: Preset, tasks: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+                overrides: dict[str, Any] | None = None) -> list[tuple[str, str, int, RunConfig]]:
+    """``(task, variant, seed, config)`` of every run, seed-major; ``overrides`` (sections) apply last."""
+    for task in tasks or []:
+        if task not in preset.tasks:
+            raise ConfigError(f"task {task!r} is not in preset {preset.name!r}: {sorted(preset.tasks)}")
+    runs = []
+    for seed in seeds or preset.seeds:
+        for task in tasks or preset.tasks:
+            for variant, overrides in preset.variants.items():
+                data = _merge(_merge(preset.base, overrides), preset.tasks[task])
+                data = _merge(data, {"data": {"task": task}, "train": {"seed": seed}})
+                data = _merge(data, overrides or {})
+                config = RunConfig.from_dict(data, source=f"{preset.source} [{task}/{variant}/seed {seed}]")
+                runs.append((task, variant, seed, config))
+    return runs
+
+
+def run_experiment(preset_name: str, out: str | None = None, results: str | None = None,
+                   tasks: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+                   report_only: bool = False, overrides: dict[str, Any] | None = None,
+                   log: Log = print) -> Path:
+    """Run (or resume) every run of the preset, rewriting the report after each; return the report folder."""
+    from varlora.train import train_run
+
+    preset = load_preset(preset_name)
+    out_dir = Path(out or f"runs/experiment-{preset.name}")
+    results_dir = Path(results or f"results/experiment-{preset.name}")
+    runs = run_configs(preset, tasks, seeds, overrides)
+    if not report_only:
+        for index, (task, variant, seed, config) in enumerate(runs, start=1):
+            folder = out_dir / task / variant / f"seed{seed}"
+            log(f"[{index}/{len(runs)}] {task} {variant} seed {seed} → {folder}")
+            started = time.perf_counter()
+            train_run(config, folder, log=log)
+            log(f"[{index}/{len(runs)}] done in {time.perf_counter() - started:.0f} s")
+            write_report(preset, out_dir, results_dir, runs[0][3])
+    write_report(preset, out_dir, results_dir, runs[0][3])
+    log(f"report: {results_dir / 'table.md'}")
+    return results_dir
+
+
+def _row_label(variant: str, method: str) -> str:
+    """``adamw`` / ``ivon@mean`` / ``ivon`` for the standard variants, ``<variant> <method>`` otherwise."""
+    return method if method.split("@")[0].split("[")[0] == variant else f"{variant} {method}"
+
+
+def write_report(preset: Preset, out_dir: Path, results_dir: Path, sample: RunConfig) -> None:
+    """``table.md`` (paper layout, mean ± s.e. over seeds), ``table.csv``, ``runs.csv`` and the figures."""
+    found = [r for r in report.find_runs(out_dir) if r.folder.parent.parent.name in preset.tasks]
+    if not found:
+        return
+    labelled = [report.RunResult(r.folder, r.train_task, r.eval_task, _row_label(r.folder.parent.name, r.method),
+                                 r.seed, r.train_seconds, r.metrics) for r in found]
+    methods = list(dict.fromkeys(r.method for r in labelled))
+    tasks = [t for t in preset.tasks if any(r.train_task == t for r in labelled)]
+    table = report.aggregate(labelled, methods, tasks)
+    seeds = sorted({r.seed for r in labelled})
+    header = [
+        f"# Experiment `{preset.name}`", "", preset.description, "",
+        f"Scoring protocol: **{sample.data.scoring}**. Model: `{sample.model.name}`. "
+        f"Seeds finished: {seeds}. Mean ± standard error over seeds; ECE with {sample.eval.n_bins} bins; "
+        f"IVON = average of {sample.eval.n_samples} posterior samples (τ = 1), IVON@mean = τ = 0.", "",
+    ]
+    timing = ["| training seconds (mean over seeds) | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for method in methods:
+        cells = table[method]
+        timing.append(f"| {method} | " + " | ".join(
+            f"{cells[t]['train_seconds'][0]:.0f}" if t in cells else "–" for t in tasks) + " |")
+    ood = [r for r in labelled if r.eval_task != r.train_task]
+    ood_lines = []
+    if ood:
+        ood_table = report.aggregate([report.RunResult(r.folder, r.eval_task, r.eval_task, r.method, r.seed,
+                                                       r.train_seconds, r.metrics) for r in ood], methods,
+                                     sorted({r.eval_task for r in ood}))
+        ood_lines = ["## Out of distribution (trained on the preset's task, evaluated unchanged)", "",
+                     report.markdown_table(ood_table, sorted({r.eval_task for r in ood}))]
+    _io.write_text(results_dir / "table.md", "\n".join(header) + report.markdown_table(table, tasks) + "\n"
+                   + "\n".join(timing) + "\n\n" + "\n".join(ood_lines))
+    _io.write_text(results_dir / "table.csv", report.csv_table(table))
+    _io.write_text(results_dir / "runs.csv", _runs_csv(labelled))
+    report.write_figures(labelled, results_dir, n_bins=sample.eval.n_bins)
+
+
+def _runs_csv(results: Sequence[report.RunResult]) -> str:
+    """Every run's every metric, one row per (run, eval task, method): the raw data behind the tables."""
+    buffer = io.StringIO()
+    keys = sorted({k for r in results for k in r.metrics})
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["train_task", "eval_task", "method", "seed", "train_seconds", *keys])
+    for r in sorted(results, key=lambda r: (r.train_task, r.eval_task, r.method, r.seed)):
+        writer.writerow([r.train_task, r.eval_task, r.method, r.seed, f"{r.train_seconds:.2f}",
+                         *(f"{r.metrics[k]:.6g}" if k in r.metrics else "" for k in keys)])
+    return buffer.getvalue()

@@ -1,0 +1,121 @@
+"""The mean-field Gaussian posterior over LoRA weights, q(θ) = N(m, diag(σ²)), apart from the optimizer.
+
+IVON (Shen et al. 2024) learns σ² = 1 / (λ (h + δ)) with λ the effective sample size ``ess``, h the
+Hessian estimate and δ the prior precision ``weight_decay``. The means m are the model's LoRA
+weights themselves; this module keeps σ (and h) by parameter *name*, so that the posterior is saved
+next to the peft adapter (``posterior.safetensors``) and sampled again after a reload, with no
+optimizer in memory.
+
+Prediction (Cong et al. 2024, §3): IVON@mean is one forward at m; IVON averages the softmax
+probabilities of S samples θₛ = m + √τ σ ⊙ εₛ, ε ~ N(0, I); τ ∈ [0, 1] scales the variance at test time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["Posterior", "POSTERIOR_FILE"]
+
+POSTERIOR_FILE = "posterior.safetensors"
+
+
+@dataclass
+class Posterior:
+    """Per-parameter standard deviations σ and Hessian estimates h, keyed by parameter name.
+
+    Attributes:
+        std: name → σ (float32, same shape as the parameter).
+        hess: name → h, the optimizer's Hessian estimate (float32).
+        ess: effective sample size λ used to form σ.
+        weight_decay: prior precision δ used to form σ.
+    """
+
+    std: dict[str, torch.Tensor]
+    hess: dict[str, torch.Tensor]
+    ess: float
+    weight_decay: float
+
+    @classmethod
+    def from_optimizer(cls, params: Mapping[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> Posterior:
+        """Read σ and h of each named parameter from an :class:`varlora.IVON` optimizer."""
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        groups = {id(group_of[id(p)]) for p in params.values()}
+        if len(groups) != 1:
+            raise ValueError("a saved posterior needs one ess and weight_decay: use a single parameter group")
+        group = group_of[id(next(iter(params.values())))]
+        std, hess = {}, {}
+        for name, param in params.items():
+            std[name] = optimizer.posterior_std(param).detach().float().cpu().contiguous()
+            hess[name] = optimizer.state[param]["hess"].detach().float().cpu().contiguous()
+        return cls(std=std, hess=hess, ess=float(group["ess"]), weight_decay=float(group["weight_decay"]))
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``posterior.safetensors`` (tensors ``std/<name>``, ``hess/<name>``; ess and δ as metadata)."""
+        path = Path(folder) / POSTERIOR_FILE
+        tensors = {f"std/{n}": t for n, t in self.std.items()} | {f"hess/{n}": t for n, t in self.hess.items()}
+        save_file(tensors, str(path), metadata={"ess": repr(self.ess), "weight_decay": repr(self.weight_decay)})
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Posterior:
+        path = Path(folder) / POSTERIOR_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no posterior at {path} (was the run trained with IVON?)")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+        std = {k.removeprefix("std/"): v for k, v in tensors.items() if k.startswith("std/")}
+        hess = {k.removeprefix("hess/"): v for k, v in tensors.items() if k.startswith("hess/")}
+        if set(std) != set(hess) or not std:
+            raise ValueError(f"{path}: std/ and hess/ entries do not match")
+        try:
+            ess, weight_decay = float(metadata["ess"]), float(metadata["weight_decay"])
+        except KeyError as err:
+            raise ValueError(f"{path}: metadata field {err.args[0]!r} is missing") from err
+        return cls(std=std, hess=hess, ess=ess, weight_decay=weight_decay)
+
+    def check_matches(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """Raise if the posterior does not cover exactly these parameters with the same shapes."""
+        if set(self.std) != set(params):
+            missing, extra = sorted(set(params) - set(self.std)), sorted(set(self.std) - set(params))
+            raise ValueError(f"posterior does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, param in params.items():
+            if self.std[name].shape != param.shape:
+                raise ValueError(f"posterior std of {name} has shape {tuple(self.std[name].shape)}, "
+                                 f"parameter has {tuple(param.shape)}")
+
+    @contextlib.contextmanager
+    def sampled(
+        self, params: Mapping[str, torch.nn.Parameter], tau: float, generator: torch.Generator
+    ) -> Iterator[None]:
+        """Set each parameter to m + √τ σ ⊙ ε inside the block; restore m exactly on exit, even on error.
+
+        ε is drawn on the CPU from ``generator`` in sorted-name order, so the same generator state
+        gives the same sample on any device. τ = 0 leaves the weights untouched.
+        """
+        if not 0.0 <= tau <= 1.0:
+            raise ValueError(f"invalid tau={tau!r}: must be in [0, 1]")
+        self.check_matches(params)
+        means = {name: p.detach().clone() for name, p in params.items()}
+        scale = math.sqrt(tau)
+        try:
+            with torch.no_grad():
+                for name in sorted(params):
+                    param = params[name]
+                    eps = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+                    noise = (scale * self.std[name] * eps).to(device=param.device)
+                    param.add_(noise.to(param.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(means[name])

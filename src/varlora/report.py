@@ -1,0 +1,179 @@
+"""Collect finished runs into the paper's tables (ACC %, ECE %, NLL per task and their average) and figures.
+
+A run folder is the one written by :func:`varlora.train.train_run`. Aggregation over seeds reports the
+mean ± standard error (sample std / √n_seeds), as Cong et al. (2024) do in Table 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from varlora import _io, plots
+
+__all__ = ["RunResult", "find_runs", "aggregate", "markdown_table", "csv_table", "write_figures"]
+
+METRICS = ("acc", "ece", "nll", "brier")
+_LABELS = {"acc": "ACC %", "ece": "ECE %", "nll": "NLL", "brier": "Brier"}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The final metrics of one method of one run on one evaluation task."""
+
+    folder: Path
+    train_task: str
+    eval_task: str
+    method: str
+    seed: int
+    train_seconds: float
+    metrics: dict[str, float]
+
+
+def find_runs(root: str | Path) -> list[RunResult]:
+    """Every (run, eval task, method) under ``root`` whose ``summary.json`` exists (finished runs only)."""
+    results = []
+    for summary_path in sorted(Path(root).rglob("summary.json")):
+        summary = json.loads(summary_path.read_text())
+        for eval_task, methods in summary["results"].items():
+            for method, metrics in methods.items():
+                results.append(RunResult(summary_path.parent, summary["task"], eval_task, method, summary["seed"],
+                                         summary["train_seconds"], metrics))
+    return results
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def aggregate(results: Iterable[RunResult], methods: Sequence[str], tasks: Sequence[str]) -> dict:
+    """``table[method][task][metric] = (mean, se, n_seeds)``, plus an ``"average"`` column over tasks.
+
+    The average column first averages the tasks within each seed, then takes mean ± s.e. over seeds, and
+    only counts seeds that have every task (otherwise it is absent).
+    """
+    by_key: dict[tuple[str, str], dict[int, dict[str, float]]] = defaultdict(dict)
+    for r in results:
+        if r.eval_task == r.train_task:
+            by_key[(r.method, r.train_task)][r.seed] = r.metrics | {"train_seconds": r.train_seconds}
+    table: dict = {}
+    for method in methods:
+        table[method] = {}
+        for task in tasks:
+            seeds = by_key.get((method, task), {})
+            if seeds:
+                table[method][task] = {m: (*_mean_se([s[m] for s in seeds.values()]), len(seeds))
+                                       for m in (*METRICS, "train_seconds")}
+        complete = set.intersection(*(set(by_key.get((method, t), {})) for t in tasks)) if tasks else set()
+        if complete and len(tasks) > 1:
+            per_seed = {m: [sum(by_key[(method, t)][s][m] for t in tasks) / len(tasks) for s in sorted(complete)]
+                        for m in (*METRICS, "train_seconds")}
+            table[method]["average"] = {m: (*_mean_se(v), len(complete)) for m, v in per_seed.items()}
+    return table
+
+
+def _fmt(cell: tuple[float, float, int] | None, metric: str) -> str:
+    if cell is None:
+        return "–"
+    mean, se, _ = cell
+    digits = 2 if metric in ("nll", "brier") else 1
+    return f"{mean:.{digits}f}" + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
+
+
+def markdown_table(table: dict, tasks: Sequence[str], metrics: Sequence[str] = ("acc", "ece", "nll")) -> str:
+    """One block per metric, methods as rows and tasks (+ average) as columns, like Cong et al. Table 1."""
+    columns = [*tasks, "average"] if len(tasks) > 1 else list(tasks)
+    lines = []
+    for metric in metrics:
+        lines.append(f"| {_LABELS[metric]} | " + " | ".join(columns) + " |")
+        lines.append("|---|" + "---|" * len(columns))
+        for method, cells in table.items():
+            lines.append(f"| {method} | " + " | ".join(_fmt(cells.get(c, {}).get(metric), metric)
+                                                      for c in columns) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def csv_table(table: dict) -> str:
+    """Long format: method, task, metric, mean, se, n_seeds."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", "task", "metric", "mean", "se", "n_seeds"])
+    for method, cells in table.items():
+        for task, metrics in cells.items():
+            for metric, (mean, se, n) in metrics.items():
+                writer.writerow([method, task, metric, f"{mean:.6g}", "" if math.isnan(se) else f"{se:.6g}", n])
+    return buffer.getvalue()
+
+
+def _eval_rows(folder: Path) -> list[dict]:
+    return [r for r in _io.read_jsonl(folder / "metrics.jsonl") if r.get("kind") == "eval"]
+
+
+def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 10) -> list[Path]:
+    """Reliability diagrams (pooled over tasks and seeds), the τ trade-off and accuracy-vs-time PNGs."""
+    out = Path(out)
+    written = []
+    in_domain = [r for r in results if r.eval_task == r.train_task]
+    pooled: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
+    for folder, task in sorted({(r.folder, r.train_task) for r in in_domain}):
+        tensors = load_file(str(folder / "eval" / f"{task}.probs.safetensors"))
+        for method in ("adamw", "ivon@mean", "ivon"):
+            probs = tensors.get(f"probs/{method}")
+            if probs is not None:
+                confidence, prediction = probs.max(dim=-1)
+                pooled[method][0].append(confidence)
+                pooled[method][1].append(prediction == tensors["labels"])
+    if pooled:
+        data = {m: (torch.cat(conf), torch.cat(correct)) for m, (conf, correct) in pooled.items()}
+        written.append(plots.reliability_diagrams(data, out / "reliability.png", n_bins=n_bins,
+                                                  title="pooled over tasks and seeds (top-label confidence)"))
+    curves: dict[str, list[dict]] = {}
+    baselines: dict[str, dict] = {}
+    for task in sorted({r.train_task for r in in_domain}):
+        rows = [r for r in in_domain if r.train_task == task]
+        taus = defaultdict(list)
+        for r in rows:
+            if r.method.startswith("ivon"):
+                taus[r.metrics.get("tau", _tau_of(r.method))].append(r.metrics)
+        if len(taus) > 1:
+            curves[task] = [{"tau": t, **{m: sum(x[m] for x in v) / len(v) for m in ("acc", "nll", "ece")}}
+                            for t, v in sorted(taus.items())]
+        adamw = [r.metrics for r in rows if r.method == "adamw"]
+        if adamw:
+            baselines[task] = {m: sum(x[m] for x in adamw) / len(adamw) for m in ("acc", "nll", "ece")}
+    if curves:
+        written.append(plots.tau_tradeoff(curves, out / "tau_tradeoff.png", baselines))
+    time_curves = {}
+    for r in in_domain:
+        if r.method in ("adamw", "ivon@mean"):
+            label = f"{r.train_task} {'AdamW' if r.method == 'adamw' else 'IVON@mean'} (seed {r.seed})"
+            rows = _eval_rows(r.folder)
+            if rows:
+                time_curves[label] = rows
+    if time_curves:
+        written.append(plots.accuracy_vs_time(time_curves, out / "accuracy_vs_time.png"))
+    return written
+
+
+def _tau_of(method: str) -> float:
+    if method == "ivon@mean":
+        return 0.0
+    if method == "ivon":
+        return 1.0
+    return float(method.split("tau=")[1].rstrip("]"))
+

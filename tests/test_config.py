@@ -1,0 +1,51 @@
+"""RunConfig: validation names the bad field and value, JSON round trip, recipe presets parse."""
+
+import json
+
+import pytest
+
+from varlora.config import ConfigError, RunConfig
+
+
+def test_round_trip_through_json(tmp_path):
+    config = RunConfig.from_dict({"ivon": {"ess": "1e7"}, "train": {"steps": 7, "optimizer": "adamw"},
+                                  "eval": {"taus": [0, 0.5, 1]}})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    loaded = RunConfig.load(path)
+    assert loaded == config
+    assert loaded.ivon.ess == 1e7 and isinstance(loaded.ivon.ess, float)
+    assert loaded.eval.taus == [0.0, 0.5, 1.0]
+    assert loaded.optimizer_args is loaded.adamw
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"train": {"steps": "x"}}, "train.steps='x': must be an integer"),
+        ({"train": {"steps": 2.5}}, "train.steps=2.5: must be an integer"),
+        ({"train": {"steps": 0}}, "train.steps=0"),
+        ({"train": {"batch_size": 4, "grad_accum": 3}}, "train.grad_accum=3"),
+        ({"data": {"scoring": "logits"}}, "data.scoring='logits': must be one of"),
+        ({"ivon": {"lr": -1}}, "ivon.lr=-1.0"),
+        ({"ivon": {"beta1": 1.0}}, "ivon.beta1=1.0"),
+        ({"ivon": {"rescale_lr": "yes"}}, "ivon.rescale_lr='yes': must be true or false"),
+        ({"lora": {"target_modules": "q_proj"}}, "lora.target_modules='q_proj': must be a list"),
+        ({"lora": {"dropout": 1.0}}, "lora.dropout=1.0"),
+        ({"eval": {"taus": [0.0, 1.5]}}, "eval.taus=[0.0, 1.5]"),
+        ({"trian": {}}, "unknown section(s) ['trian']"),
+        ({"train": {"stpes": 3}}, "unknown field(s) ['stpes'] in section 'train'"),
+        ({"train": 3}, "section 'train' must be a mapping"),
+    ],
+)
+def test_invalid_values_name_field_and_value(data, message):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_dict(data)
+    assert message in str(info.value)
+
+
+def test_bad_json_names_file_and_line(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "train": {"steps": 3,}\n}\n')
+    with pytest.raises(ConfigError, match=r"config.json: line 2: not valid JSON"):
+        RunConfig.load(path)
