@@ -1,0 +1,194 @@
+"""Metrics against values worked out by hand, edge cases of the binning, and streaming == one-shot."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from varlora.metrics import (
+    CalibrationMetrics,
+    accuracy,
+    auroc,
+    brier_score,
+    compute_metrics,
+    confidence_bins,
+    expected_calibration_error,
+    mutual_information,
+    negative_log_likelihood,
+    predictive_entropy,
+    reliability_bins,
+)
+
+# Four examples, K = 3, every confidence exactly on a bin edge of 10 bins (edge -> lower bin):
+#   p                 y  conf pred correct  bin (lower, upper]
+#   [0.7, 0.2, 0.1]   0  0.7  0    1        6 (0.6, 0.7]
+#   [0.1, 0.9, 0.0]   1  0.9  1    1        8 (0.8, 0.9]
+#   [0.3, 0.6, 0.1]   0  0.6  1    0        5 (0.5, 0.6]
+#   [0.2, 0.3, 0.5]   2  0.5  2    1        4 (0.4, 0.5]
+# accuracy = 3/4
+# ECE = (|1 - .7| + |1 - .9| + |0 - .6| + |1 - .5|) / 4 = 1.5 / 4 = 0.375   (one example per bin)
+#   (were 0.5 put in the upper bin (0.5, 0.6] with 0.6: (0.3 + 0.1 + 2 * |0.5 - 0.55|) / 4 = 0.125)
+# NLL = -(ln .7 + ln .9 + ln .3 + ln .5) / 4
+# Brier: .09 + .04 + .01 = .14;  .01 + .01 + 0 = .02;  .49 + .36 + .01 = .86;  .04 + .09 + .25 = .38
+#   mean = 1.40 / 4 = 0.35
+P = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.9, 0.0], [0.3, 0.6, 0.1], [0.2, 0.3, 0.5]], dtype=torch.float64)
+Y = torch.tensor([0, 1, 0, 2])
+
+# K = 2, n_bins = 2, bins (0, .5] and (.5, 1]:
+#   [0.6, 0.4] y0 -> .6 correct;  [0.2, 0.8] y0 -> .8 wrong;  [1.0, 0.0] y0 -> 1.0 correct (last bin);
+#   [0.5, 0.5] y1 -> tie, prediction 0 (first index), conf .5 on the edge -> bin 0, wrong
+# bin 0: |0 - .5| = .5;  bin 1: |2 - (.6 + .8 + 1.0)| = .4;  ECE = (.5 + .4) / 4 = 0.225
+P2 = torch.tensor([[0.6, 0.4], [0.2, 0.8], [1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
+Y2 = torch.tensor([0, 0, 0, 1])
+
+
+def test_hand_computed_values():
+    assert accuracy(P, Y) == pytest.approx(0.75)
+    assert expected_calibration_error(P, Y) == pytest.approx(0.375)
+    assert negative_log_likelihood(P, Y) == pytest.approx(-(math.log(0.7 * 0.9 * 0.3 * 0.5)) / 4)
+    assert brier_score(P, Y) == pytest.approx(0.35)
+    assert expected_calibration_error(P2, Y2, n_bins=2) == pytest.approx(0.225)
+    assert accuracy(P2, Y2) == pytest.approx(0.5)
+
+
+def test_compute_metrics_reports_percentages():
+    m = compute_metrics(P, Y, n_bins=10)
+    assert m == pytest.approx(
+        {"acc": 75.0, "ece": 37.5, "nll": negative_log_likelihood(P, Y), "brier": 0.35, "n_bins": 10, "n": 4}
+    )
+    assert compute_metrics(P2, Y2, n_bins=2)["ece"] == pytest.approx(22.5)
+
+
+def test_reliability_bins_edges_and_empty_bins():
+    r = reliability_bins(P, Y, n_bins=10)
+    assert r.count.tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 1, 0]
+    assert torch.allclose(r.edges, torch.linspace(0, 1, 11, dtype=torch.float64))
+    assert r.confidence[4].item() == pytest.approx(0.5) and r.accuracy[5].item() == 0.0
+    assert r.confidence[[0, 1, 2, 3, 7, 9]].isnan().all() and r.accuracy[9].isnan()
+    r2 = reliability_bins(P2, Y2, n_bins=2)
+    assert r2.count.tolist() == [1, 3]  # 0.5 on the edge -> bin 0, 1.0 -> last bin
+    assert r2.confidence.tolist() == pytest.approx([0.5, 0.8])
+    assert r2.accuracy.tolist() == pytest.approx([0, 2 / 3]) and r2.ece == pytest.approx(0.225)
+
+
+def test_confidence_bins_pool_tasks_with_different_k():
+    # P (K = 3) and P2 (K = 2) pooled through (confidence, correct), 2 bins:
+    #   bin 0 (0, .5]: .5 correct (P), .5 wrong (P2) -> |1 - 1.0| = 0
+    #   bin 1 (.5, 1]: .7 ok, .9 ok, .6 wrong (P); .6 ok, .8 wrong, 1.0 ok (P2) -> |4 - 4.6| = 0.6
+    #   ECE = 0.6 / 8
+    conf = torch.cat([P.max(-1).values, P2.max(-1).values])
+    correct = torch.cat([P.argmax(-1) == Y, P2.argmax(-1) == Y2])
+    pooled = confidence_bins(conf, correct, n_bins=2)
+    assert pooled.ece == pytest.approx(0.6 / 8)
+    assert pooled.count.tolist() == [2, 6]
+    with pytest.raises(ValueError, match="one non-zero length"):
+        confidence_bins(conf, correct[:3])
+
+
+def test_confidence_zero_and_float32_just_above_an_edge():
+    # a float32 0.3 is 0.30000001192..., above the float64 edge 0.3: bin 3 of 10, not bin 2
+    p32 = torch.tensor([[0.3, 0.3, 0.2, 0.2]], dtype=torch.float32)
+    assert reliability_bins(p32, torch.tensor([0]), 10).count.argmax().item() == 3
+    p64 = torch.tensor([[0.3, 0.3, 0.2, 0.2]], dtype=torch.float64)
+    assert reliability_bins(p64, torch.tensor([0]), 10).count.argmax().item() == 2
+    zeros = torch.zeros(1, 2, dtype=torch.float64)  # degenerate "probabilities": conf 0 -> bin 0
+    assert reliability_bins(zeros, torch.tensor([0]), 4).count.tolist() == [1, 0, 0, 0]
+
+
+def test_perfect_and_degenerate_predictions():
+    onehot = torch.eye(3, dtype=torch.float64)
+    m = compute_metrics(onehot, torch.arange(3))
+    assert m["acc"] == 100 and m["ece"] == 0 and m["nll"] == pytest.approx(0) and m["brier"] == 0
+    wrong = compute_metrics(onehot, torch.tensor([1, 2, 0]))
+    assert wrong["brier"] == pytest.approx(2.0) and math.isfinite(wrong["nll"]) and wrong["ece"] == 100
+
+
+def test_entropy_and_mutual_information():
+    # H([.5, .5]) = ln 2, H([1, 0]) = 0 (0 log 0 = 0)
+    h = predictive_entropy(torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
+    assert h.tolist() == pytest.approx([math.log(2), 0.0])
+    # two samples disagreeing completely: H(mean) = ln 2, mean H = 0 -> MI = ln 2; agreeing samples: MI = 0
+    samples = torch.tensor([[[1.0, 0.0], [0.3, 0.7]], [[0.0, 1.0], [0.3, 0.7]]])  # (S=2, N=2, K=2)
+    assert mutual_information(samples).tolist() == pytest.approx([math.log(2), 0.0])
+    with pytest.raises(ValueError, match=r"\(S, N, K\)"):
+        mutual_information(torch.rand(3, 2))
+
+
+def test_auroc_hand_computed_and_against_pairwise_oracle():
+    # positives .9, .8 beat all three negatives (3 + 3); .4 loses to .5, ties .4 (1/2), beats .1 -> 1.5
+    assert auroc([0.9, 0.8, 0.4], [0.5, 0.4, 0.1]) == pytest.approx(7.5 / 9)
+    assert auroc([1.0], [0.0]) == 1.0 and auroc([0.0], [1.0]) == 0.0 and auroc([2.0, 2.0], [2.0]) == 0.5
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randint(0, 5, (40,), generator=g), torch.randint(0, 4, (30,), generator=g)
+    diff = pos[:, None].double() - neg[None, :].double()
+    oracle = ((diff > 0).double() + 0.5 * (diff == 0).double()).mean().item()
+    assert auroc(pos, neg) == pytest.approx(oracle)
+    with pytest.raises(ValueError, match="positives and negatives"):
+        auroc([], [0.1])
+    with pytest.raises(ValueError, match="NaN"):
+        auroc([float("nan")], [0.1])
+
+
+def _random_problem(n: int = 103, k: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(3 * torch.randn(n, k, generator=g), -1)
+    return probs, torch.randint(0, k, (n,), generator=g)
+
+
+def test_streaming_equals_one_shot():
+    probs, labels = _random_problem()
+    m = CalibrationMetrics(n_bins=15)
+    for chunk in (slice(0, 1), slice(1, 40), slice(40, 103)):
+        m.update(probs[chunk], labels[chunk])
+    expected = compute_metrics(probs, labels, n_bins=15)
+    assert m.compute() == pytest.approx(expected) and m.compute() == pytest.approx(expected)  # no side effect
+    assert expected["acc"] == pytest.approx(100 * accuracy(probs, labels))
+    assert expected["ece"] == pytest.approx(100 * expected_calibration_error(probs, labels, 15))
+    for a, b in zip(m.reliability(), reliability_bins(probs, labels, 15), strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    m.reset()
+    with pytest.raises(ValueError, match="before any update"):
+        m.compute()
+    m.update(probs[:10].float(), labels[:10])
+    assert m.compute() == pytest.approx(compute_metrics(probs[:10].float(), labels[:10], n_bins=15))
+
+
+def test_input_validation():
+    with pytest.raises(ValueError, match=r"expected probs \(N, K\)"):
+        accuracy(P[0], Y)
+    with pytest.raises(ValueError, match=r"expected probs \(N, K\)"):
+        accuracy(P, Y[:3])
+    with pytest.raises(ValueError, match="labels must lie in"):
+        brier_score(P, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="zero examples"):
+        compute_metrics(torch.zeros(0, 3), torch.zeros(0))
+    with pytest.raises(ValueError, match="n_bins"):
+        CalibrationMetrics(n_bins=0)
+
+
+def _distributed_worker(rank: int, world: int, init_file: str, queue) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    probs, labels = _random_problem()
+    m = CalibrationMetrics(n_bins=10)
+    m.update(probs[rank::world], labels[rank::world])  # each process sees its shard
+    queue.put((rank, m.compute()))
+    dist.destroy_process_group()
+
+
+def test_compute_reduces_across_processes(tmp_path):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_distributed_worker, args=(r, 2, str(tmp_path / "init"), queue)) for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    expected = compute_metrics(*_random_problem(), n_bins=10)
+    assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)
