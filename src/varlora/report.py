@@ -23,6 +23,7 @@ from varlora import _io, plots
 __all__ = ["RunResult", "find_runs", "aggregate", "markdown_table", "csv_table", "write_figures"]
 
 METRICS = ("acc", "ece", "nll", "brier")
+STANDARD_METHODS = ("adamw", "ivon@mean", "ivon")
 _LABELS = {"acc": "ACC %", "ece": "ECE %", "nll": "NLL", "brier": "Brier"}
 
 
@@ -130,16 +131,14 @@ def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 1
     written = []
     in_domain = [r for r in results if r.eval_task == r.train_task]
     pooled: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
-    for folder, task in sorted({(r.folder, r.train_task) for r in in_domain}):
-        tensors = load_file(str(folder / "eval" / f"{task}.probs.safetensors"))
-        for method in ("adamw", "ivon@mean", "ivon"):
-            probs = tensors.get(f"probs/{method}")
-            if probs is not None:
-                confidence, prediction = probs.max(dim=-1)
-                pooled[method][0].append(confidence)
-                pooled[method][1].append(prediction == tensors["labels"])
+    for r in in_domain:
+        if r.method in STANDARD_METHODS:
+            tensors = load_file(str(r.folder / "eval" / f"{r.train_task}.probs.safetensors"))
+            confidence, prediction = tensors[f"probs/{r.method}"].max(dim=-1)
+            pooled[r.method][0].append(confidence)
+            pooled[r.method][1].append(prediction == tensors["labels"])
     if pooled:
-        data = {m: (torch.cat(conf), torch.cat(correct)) for m, (conf, correct) in pooled.items()}
+        data = {m: (torch.cat(pooled[m][0]), torch.cat(pooled[m][1])) for m in STANDARD_METHODS if m in pooled}
         written.append(plots.reliability_diagrams(data, out / "reliability.png", n_bins=n_bins,
                                                   title="pooled over tasks and seeds (top-label confidence)"))
     curves: dict[str, list[dict]] = {}
@@ -148,8 +147,9 @@ def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 1
         rows = [r for r in in_domain if r.train_task == task]
         taus = defaultdict(list)
         for r in rows:
-            if r.method.startswith("ivon"):
-                taus[r.metrics.get("tau", _tau_of(r.method))].append(r.metrics)
+            tau = _tau_of(r.method)
+            if tau is not None:
+                taus[tau].append(r.metrics)
         if len(taus) > 1:
             curves[task] = [{"tau": t, **{m: sum(x[m] for x in v) / len(v) for m in ("acc", "nll", "ece")}}
                             for t, v in sorted(taus.items())]
@@ -170,10 +170,13 @@ def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 1
     return written
 
 
-def _tau_of(method: str) -> float:
+def _tau_of(method: str) -> float | None:
+    """τ of a standard IVON method name (see :func:`varlora.evaluate.method_name`), None for any other."""
     if method == "ivon@mean":
         return 0.0
     if method == "ivon":
         return 1.0
-    return float(method.split("tau=")[1].rstrip("]"))
+    if method.startswith("ivon[tau=") and method.endswith("]"):
+        return float(method.removeprefix("ivon[tau=").removesuffix("]"))
+    return None
 

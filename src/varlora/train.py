@@ -168,34 +168,30 @@ def _step_loss(session: Session, examples: list[Example], n_micro: int) -> float
     logits = session.scorer.choice_logits(session.model, batch)  # (B, K)
     loss = torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device)) / n_micro
     loss.backward()
-    return float(loss)
-
-
-def _clip(session: Session) -> None:
-    if session.config.train.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(list(session.params.values()), session.config.train.max_grad_norm)
+    return float(loss.detach())
 
 
 def _train_step(session: Session, optimizer: torch.optim.Optimizer, examples: list[Example]) -> float:
     """One optimizer step on ``examples``; returns the mean training loss over micro-batches and samples.
 
     IVON: each of the ``mc_samples`` samples θₛ runs all micro-batches inside ``sampled_params`` (their
-    gradients accumulate at the same θₛ), the gradient norm is clipped before the sample's gradient is
-    consumed, then one ``step``. AdamW: accumulate, clip, step.
+    gradients accumulate at the same θₛ), the optimizer clips the sample's gradient norm before it consumes
+    it, then one ``step``. AdamW: accumulate, clip, step.
     """
     n_micro = session.config.train.grad_accum
     micro_batches = [examples[i::n_micro] for i in range(n_micro)]
     if isinstance(optimizer, IVON):
         total = 0.0
         for _ in range(optimizer.mc_samples):
-            with optimizer.sampled_params(train=True, grad_transform=lambda: _clip(session)):
+            with optimizer.sampled_params(train=True, max_grad_norm=session.config.train.max_grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 total += sum(_step_loss(session, mb, n_micro) for mb in micro_batches)
         optimizer.step()
         return total / optimizer.mc_samples
     optimizer.zero_grad(set_to_none=True)
     total = sum(_step_loss(session, mb, n_micro) for mb in micro_batches)
-    _clip(session)
+    if session.config.train.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(list(session.params.values()), session.config.train.max_grad_norm)
     optimizer.step()
     return total
 
@@ -300,7 +296,9 @@ def fit(session: Session, log: Log = print) -> torch.optim.Optimizer:
         row = {"kind": "train", "step": step, "loss": loss, "lr": lr, "step_seconds": seconds,
                "train_seconds": train_seconds}
         if isinstance(optimizer, IVON):
-            row |= {k: float(v) for k, v in optimizer.last_step_stats.items()}
+            stats = optimizer.last_step_stats
+            row |= {k: float(stats[k]) for k in ("clip_fraction", "hess_mean", "sigma_mean", "grad_norm")
+                    if stats.get(k) is not None}
         rows = [row]
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             rows.append(_periodic_eval(session, step, train_seconds))

@@ -1,0 +1,108 @@
+"""Experiment presets parse and expand; the report aggregates seeds as mean ± standard error."""
+
+import json
+import math
+from importlib import resources
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from varlora import report
+from varlora.config import ConfigError
+from varlora.experiment import _merge, load_preset, run_configs, write_report
+
+SHIPPED = sorted(p.name.removeprefix("experiment_").removesuffix(".yaml").replace("_", "-")
+                 for p in (resources.files("varlora") / "recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def test_the_expected_presets_are_shipped():
+    assert {"cpu", "paper", "demo", "tune-cpu"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_preset_expands_to_valid_configs(name):
+    preset = load_preset(name)
+    runs = run_configs(preset)
+    assert len(runs) == len(preset.seeds) * len(preset.tasks) * len(preset.variants)
+    assert [seed for _, _, seed, _ in runs] == sorted(seed for _, _, seed, _ in runs)  # seed-major
+    for task, variant, seed, config in runs:
+        assert config.data.task == task and config.train.seed == seed
+
+
+def test_paper_preset_matches_the_published_hyperparameters():
+    runs = {(t, v): c for t, v, s, c in run_configs(load_preset("paper"), seeds=[21])}
+    ivon = runs[("winogrande_m", "ivon")]
+    assert (ivon.ivon.ess, ivon.ivon.hess_init, ivon.ivon.lr, ivon.ivon.clip_radius) == (1e8, 3e-4, 0.03, 1e-3)
+    assert ivon.ivon.beta2 == 0.99999 and ivon.ivon.rescale_lr is False and ivon.ivon.weight_decay == 0.0
+    assert runs[("arc_easy", "ivon")].ivon.ess == 1e6
+    adamw = runs[("obqa", "adamw")]
+    assert adamw.train.optimizer == "adamw" and adamw.adamw.lr == 5e-5
+    assert adamw.train.steps == 10_000 and adamw.train.batch_size == 4 and adamw.data.scoring == "letter"
+    assert adamw.model.name == "meta-llama/Llama-2-7b-hf"
+
+
+def test_merge_is_deep_and_does_not_mutate():
+    base = {"train": {"steps": 5, "seed": 1}, "eval": {"taus": [0.0]}}
+    merged = _merge(base, {"train": {"steps": 9}, "eval": {"taus": [1.0]}})
+    assert merged == {"train": {"steps": 9, "seed": 1}, "eval": {"taus": [1.0]}}
+    assert base["train"]["steps"] == 5
+
+
+def test_bad_presets_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_preset("nope")
+    path = tmp_path / "p.yaml"
+    path.write_text("description: x\nbase: {}\nvariants: {a: {}}\ntasks: {arc_easy: null}\n")
+    with pytest.raises(ConfigError, match="needs the keys"):
+        load_preset(str(path))
+    path.write_text("description: x\nbase: {train: {steps: -1}}\nvariants: {a: {}}\ntasks: {arc_easy: null}\n"
+                    "seeds: [1]\n")
+    with pytest.raises(ConfigError, match="train.steps=-1"):
+        load_preset(str(path))
+
+
+def _fake_run(root, task, variant, seed, metrics_by_method, seconds=10.0):
+    """A finished run folder as train_run leaves it: summary.json and the evaluation probabilities."""
+    folder = root / task / variant / f"seed{seed}"
+    (folder / "eval").mkdir(parents=True)
+    probs = torch.softmax(torch.randn(20, 4, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    save_file({"labels": torch.arange(20) % 4} | {f"probs/{m}": probs.clone() for m in metrics_by_method},
+              str(folder / "eval" / f"{task}.probs.safetensors"))
+    (folder / "summary.json").write_text(json.dumps({
+        "task": task, "seed": seed, "train_seconds": seconds, "results": {task: metrics_by_method}}))
+    return folder
+
+
+def _m(acc, ece=10.0, nll=1.0, brier=0.5):
+    return {"acc": acc, "ece": ece, "nll": nll, "brier": brier}
+
+
+def test_aggregate_mean_and_standard_error(tmp_path):
+    for seed, acc in ((1, 50.0), (2, 60.0), (3, 70.0)):
+        _fake_run(tmp_path, "t1", "adamw", seed, {"adamw": _m(acc)})
+        _fake_run(tmp_path, "t2", "adamw", seed, {"adamw": _m(acc + 10)})
+    _fake_run(tmp_path, "t2", "ivon", 1, {"ivon@mean": _m(99.0)})
+    table = report.aggregate(report.find_runs(tmp_path), ["adamw", "ivon@mean"], ["t1", "t2"])
+    mean, se, n = table["adamw"]["t1"]["acc"]
+    # values 50, 60, 70: mean 60, sample std 10, s.e. 10 / sqrt(3)
+    assert (mean, n) == (60.0, 3) and se == pytest.approx(10 / math.sqrt(3))
+    assert table["adamw"]["average"]["acc"][:2] == pytest.approx((65.0, 10 / math.sqrt(3)))
+    assert "average" not in table["ivon@mean"]  # seed 1 lacks task t1
+    assert math.isnan(table["ivon@mean"]["t2"]["acc"][1])
+    md = report.markdown_table(table, ["t1", "t2"])
+    assert "| adamw | 60.0 ± 5.8 | 70.0 ± 5.8 | 65.0 ± 5.8 |" in md
+    assert "| ivon@mean | – | 99.0 | – |" in md
+    assert "adamw,t1,acc,60,5.7735,3" in report.csv_table(table)
+
+
+def test_write_report_labels_tuning_variants(tmp_path):
+    preset = load_preset("tune-cpu")
+    task = next(iter(preset.tasks))
+    variant = next(v for v in preset.variants if v.startswith("ivon-"))
+    _fake_run(tmp_path / "runs", task, variant, preset.seeds[0], {"ivon@mean": _m(40.0), "ivon": _m(41.0)})
+    write_report(preset, tmp_path / "runs", tmp_path / "results", run_configs(preset)[0][3])
+    text = (tmp_path / "results" / "table.md").read_text()
+    assert f"| {variant} ivon@mean | 40.0 |" in text and "Scoring protocol: **cloze**" in text
+    assert not (tmp_path / "results" / "reliability.png").exists()  # only adamw / ivon@mean / ivon are pooled
+

@@ -1,0 +1,139 @@
+"""End to end on a tiny random Llama: train with each optimizer, kill and resume, reload and re-evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_tokenizer
+from safetensors.torch import load_file
+
+from varlora.cli import main
+from varlora.config import ConfigError, RunConfig
+from varlora.train import batch_indices, linear_schedule, train_run
+
+WORDS = ["red", "blue", "green", "gold", "gray", "pink", "black", "white"]
+
+
+def _write_data(folder: Path, n: int, seed: int) -> Path:
+    """A learnable 4-way task: the answer is the colour named in the question."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        choices = [WORDS[j] for j in torch.randperm(len(WORDS), generator=gen)[:4].tolist()]
+        answer = int(torch.randint(4, (1,), generator=gen))
+        rows.append({"id": f"q{i}", "question": f"Which colour is {choices[answer]}?", "choices": choices,
+                     "answer": answer})
+    path = folder / f"data{seed}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("assets")
+    tiny_llama(seed=0).save_pretrained(folder / "model")
+    tiny_tokenizer().save_pretrained(folder / "model")
+    train, val = _write_data(folder, 48, seed=1), _write_data(folder, 16, seed=2)
+    return {"model": str(folder / "model"), "task": f"jsonl:train={train},validation={val}"}
+
+
+def _config(assets, optimizer: str, **train) -> RunConfig:
+    return RunConfig.from_dict({
+        "model": {"name": assets["model"]},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"task": assets["task"], "scoring": "cloze", "max_length": 64},
+        "train": {"optimizer": optimizer, "steps": 6, "batch_size": 4, "grad_accum": 2, "save_every": 2,
+                  "eval_every": 3, "max_grad_norm": 1.0, "seed": 3} | train,
+        "ivon": {"lr": 0.1, "ess": 1e4, "hess_init": 0.1, "beta2": 0.99, "clip_radius": 1.0, "mc_samples": 2},
+        "adamw": {"lr": 1e-2},
+        "eval": {"n_samples": 3, "taus": [0.0, 0.5, 1.0], "batch_size": 5},
+    })
+
+
+def test_schedule_and_data_order_are_stateless():
+    f = linear_schedule(2, 10)
+    assert [f(s) for s in range(4)] == [0.5, 1.0, 1.0, 7 / 8]
+    assert f(10) == 0.0
+    first_epoch = sum((batch_indices(s, 4, 12, seed=1) for s in range(3)), [])
+    assert sorted(first_epoch) == list(range(12))  # every example once per epoch
+    second_epoch = sum((batch_indices(s, 4, 12, seed=1) for s in range(3, 6)), [])
+    assert sorted(second_epoch) == list(range(12)) and second_epoch != first_epoch  # reshuffled each epoch
+    assert batch_indices(1, 4, 12, seed=2) != batch_indices(1, 4, 12, seed=1)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "ivon"])
+def test_train_evaluate_and_reload_reproduce_metrics(assets, tmp_path, optimizer, capsys):
+    run = tmp_path / optimizer
+    summary = train_run(_config(assets, optimizer), run, log=lambda _: None)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 7))
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [3, 6]
+    methods = summary["results"][summary["task"]]
+    expected = {"adamw"} if optimizer == "adamw" else {"ivon@mean", "ivon[tau=0.5]", "ivon"}
+    assert set(methods) == expected
+    if optimizer == "ivon":
+        assert all(0.0 <= r["clip_fraction"] <= 1.0 for r in rows if r["kind"] == "train")
+        assert (run / "final" / "posterior.safetensors").is_file()
+        # different tau -> different (sampled) predictions
+        assert methods["ivon"]["nll"] != methods["ivon@mean"]["nll"]
+    # the LoRA weights moved away from their initialisation (B starts at 0)
+    adapter = load_file(str(run / "final" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+    # `varlora eval` reloads base + adapter + posterior and reproduces the saved metrics exactly
+    saved = json.loads((run / "eval" / f"{summary['task']}.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    assert "reproduces the metrics saved by training" in capsys.readouterr().out
+    assert json.loads((run / "eval" / f"{summary['task']}.json").read_text())["methods"] == saved["methods"]
+    # a finished run is not trained again
+    assert train_run(_config(assets, optimizer), run, log=lambda _: None)["results"] == summary["results"]
+
+
+def test_a_different_config_in_the_same_folder_is_refused(assets, tmp_path):
+    train_run(_config(assets, "adamw", steps=2, eval_every=0), tmp_path, log=lambda _: None)
+    with pytest.raises(ConfigError, match=r"train.steps: saved 2, given 3"):
+        train_run(_config(assets, "adamw", steps=3, eval_every=0), tmp_path, log=lambda _: None)
+
+
+def _train_command(assets, run: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "varlora.cli", "train", "--run-dir", str(run), "--model.name", assets["model"],
+            "--data.task", assets["task"], "--data.max_length", "64", "--lora.r", "4",
+            "--train.optimizer", "ivon", "--train.steps", str(steps), "--train.save_every", "7",
+            "--train.eval_every", "0", "--ivon.lr", "0.1", "--ivon.ess", "1e4", "--ivon.hess_init", "0.1",
+            "--ivon.clip_radius", "1.0", "--ivon.beta2", "0.99", "--eval.n_samples", "2"]
+
+
+def test_killed_run_resumes_bit_for_bit(assets, tmp_path):
+    """SIGKILL a real training process after its first checkpoint; the rerun ends exactly like a clean run."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    steps = 120
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(_train_command(assets, clean, steps), check=True, env=env, capture_output=True)
+    process = subprocess.Popen(_train_command(assets, killed, steps), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    subprocess.run(_train_command(assets, killed, steps), check=True, env=env, capture_output=True)
+    a = load_file(str(clean / "final" / "adapter_model.safetensors"))
+    b = load_file(str(killed / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pa = load_file(str(clean / "final" / "posterior.safetensors"))
+    pb = load_file(str(killed / "final" / "posterior.safetensors"))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    assert losses(clean) == losses(killed)
