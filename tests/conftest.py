@@ -67,3 +67,32 @@ TINY_VOCAB = 320
 @pytest.fixture
 def tokenizer():
     return tiny_tokenizer()
+
+
+_LETTER_CORPUS = _TOKENIZER_CORPUS + [" A B C D True False yes no Answer: A"] * 40
+
+
+def tiny_letter_tokenizer(add_bos: bool = False):
+    """Like :func:`tiny_tokenizer`, trained on a corpus where " A".." D", " True", " False" become single
+    tokens; ``add_bos`` makes it prepend ``<s>`` (as Llama/Gemma tokenizers do)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_LETTER_CORPUS, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )
+
+
+@pytest.fixture(scope="module")
+def letter_tokenizer():
+    return tiny_letter_tokenizer()
