@@ -40,7 +40,7 @@ from varlora.scoring import make_scorer
 from varlora.tasks import Example, get_task
 
 __all__ = ["RunPaths", "Session", "setup", "build_optimizer", "linear_schedule", "batch_indices", "fit",
-           "train_run", "evaluate_run", "load_final", "load_splits"]
+           "train_run", "evaluate_run", "load_final", "load_splits", "train_step"]
 
 Log = Callable[[str], None]
 
@@ -171,7 +171,7 @@ def _step_loss(session: Session, examples: list[Example], n_micro: int) -> float
     return float(loss.detach())
 
 
-def _train_step(session: Session, optimizer: torch.optim.Optimizer, examples: list[Example]) -> float:
+def train_step(session: Session, optimizer: torch.optim.Optimizer, examples: list[Example]) -> float:
     """One optimizer step on ``examples``; returns the mean training loss over micro-batches and samples.
 
     IVON: each of the ``mc_samples`` samples θₛ runs all micro-batches inside ``sampled_params`` (their
@@ -285,7 +285,7 @@ def fit(session: Session, log: Log = print) -> torch.optim.Optimizer:
     while step < cfg.steps:
         indices = batch_indices(step, cfg.batch_size, len(session.train_examples), cfg.seed)
         started = time.perf_counter()
-        loss = _train_step(session, optimizer, [session.train_examples[i] for i in indices])
+        loss = train_step(session, optimizer, [session.train_examples[i] for i in indices])
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         seconds = time.perf_counter() - started
