@@ -59,6 +59,11 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[Tensor, Tensor
     return ids, mask
 
 
+def _to_model_device(model: torch.nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def _at_least_fp32(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
@@ -116,7 +121,8 @@ class Scorer(ABC):
 
     @abstractmethod
     def choice_logits(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """Differentiable scores (B, K), float32 (float64 for a float64 model); -inf for missing choices."""
+        """Differentiable scores (B, K) on the model's device (the batch is moved there), float32 (float64
+        for a float64 model); -inf for missing choices."""
 
 
 class LetterScorer(Scorer):
@@ -167,6 +173,7 @@ class LetterScorer(Scorer):
         }
 
     def choice_logits(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        batch = _to_model_device(model, batch)
         mask = batch["attention_mask"]
         out = model(
             input_ids=batch["input_ids"],
@@ -270,6 +277,7 @@ class ClozeScorer(Scorer):
         }
 
     def choice_logits(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        batch = _to_model_device(model, batch)
         ctx, ctx_mask = batch["context_ids"], batch["context_mask"]
         cont, cont_mask = batch["continuation_ids"], batch["continuation_mask"]
         choice_mask = batch["choice_mask"]

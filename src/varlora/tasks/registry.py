@@ -84,7 +84,8 @@ class ReleaseTask(Task):
         path = self._local_path(split, data_dir)
         note = f"; {self.note}" if self.note else ""
         if path is None or not path.is_file():
-            return f"{self.name} {split}: {self.hub[split].describe()}{note}"
+            hub = self.hub[split].describe() if split in self.hub else "unavailable (no local file nor hub)"
+            return f"{self.name} {split}: {hub}{note}"
         rows = self.local[split].rows
         if rows is not None:
             span = f"records [{rows[0]}, {'end' if rows[1] is None else rows[1]})"
