@@ -45,18 +45,28 @@ def method_name(optimizer: str, tau: float) -> str:
 
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, scorer, examples: Sequence[Example], batch_size: int) -> torch.Tensor:
-    """Softmax over the choice scores at the model's current weights, (N, K) float64, in eval mode."""
+    """Softmax over the choice scores at the model's current weights, (N, K) float64, in eval mode.
+
+    Examples are batched in order of text length (less padding), and the rows returned in input order.
+    """
     was_training = model.training
     model.eval()
+    order = sorted(range(len(examples)), key=lambda i: _text_length(examples[i]))
     try:
         chunks = []
-        for start in range(0, len(examples), batch_size):
-            batch = scorer.collate(list(examples[start : start + batch_size]))
+        for start in range(0, len(order), batch_size):
+            batch = scorer.collate([examples[i] for i in order[start : start + batch_size]])
             logits = scorer.choice_logits(model, batch)  # (B, K)
             chunks.append(torch.softmax(logits.double(), dim=-1).cpu())
-        return torch.cat(chunks)
+        probs = torch.empty_like(torch.cat(chunks))
+        probs[torch.tensor(order)] = torch.cat(chunks)
+        return probs
     finally:
         model.train(was_training)
+
+
+def _text_length(example: Example) -> int:
+    return len(example.question) + len(example.passage or "") + max(len(c) for c in example.choices)
 
 
 def evaluate_model(
