@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
 
+from conftest import tiny_llama, tiny_tokenizer
 from varlora.config import EvalArgs, LoraArgs
 from varlora.evaluate import evaluate_model, method_name, predict_probs
 from varlora.models import attach_lora, lora_parameters
@@ -22,7 +22,7 @@ def setup(tmp_path_factory):
                         label=i % 3) for i in range(10)]
     model = attach_lora(tiny_llama(seed=1), LoraArgs(r=4, dropout=0.0), seed=0)
     with torch.no_grad():  # non-zero B so that sampling LoRA weights changes the outputs
-        for name, p in lora_parameters(model).items():
+        for p in lora_parameters(model).values():
             p.normal_(0, 0.3)
     return model, make_scorer("cloze", tiny_tokenizer(), task, max_length=64), examples
 

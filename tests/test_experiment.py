@@ -26,7 +26,7 @@ def test_every_shipped_preset_expands_to_valid_configs(name):
     runs = run_configs(preset)
     assert len(runs) == len(preset.seeds) * len(preset.tasks) * len(preset.variants)
     assert [seed for _, _, seed, _ in runs] == sorted(seed for _, _, seed, _ in runs)  # seed-major
-    for task, variant, seed, config in runs:
+    for task, _variant, seed, config in runs:
         assert config.data.task == task and config.train.seed == seed
 
 

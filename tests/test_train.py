@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
 
+from conftest import tiny_llama, tiny_tokenizer
 from varlora.cli import main
 from varlora.config import ConfigError, RunConfig
 from varlora.train import batch_indices, linear_schedule, train_run

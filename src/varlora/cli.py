@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--results", default=None, help="report folder (default: results/experiment-<preset>)")
     experiment.add_argument("--tasks", nargs="+", help="subset of the preset's tasks")
     experiment.add_argument("--seeds", type=int, nargs="+", help="subset of the preset's seeds")
+    experiment.add_argument("--variants", nargs="+", help="subset of the preset's variants (e.g. one per process)")
     experiment.add_argument("--report-only", action="store_true", help="only rebuild tables and plots")
 
     sub.add_parser("tasks", help="list the registered tasks")
@@ -170,7 +171,7 @@ def _cmd_experiment(args: argparse.Namespace) -> None:
     from varlora.experiment import run_experiment
 
     run_experiment(args.preset, out=args.out, results=args.results, tasks=args.tasks, seeds=args.seeds,
-                   report_only=args.report_only)
+                   report_only=args.report_only, variants=args.variants)
 
 
 def _cmd_tasks(args: argparse.Namespace) -> None:

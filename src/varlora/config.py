@@ -50,7 +50,8 @@ def _check(condition: bool, name: str, value: Any, requirement: str) -> None:
 @dataclass
 class ModelArgs:
     name: str = _help(
-        "Hugging Face id, local folder, or path to a .gguf file (e.g. ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf)",
+        "Hugging Face id, local folder, or path to a .gguf file "
+        "(e.g. ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf)",
         default="../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf",
     )
     dtype: DType = _help("dtype of the frozen base model; LoRA weights are always float32", default="float32")
@@ -225,7 +226,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         try:
             number = float(value) if annotation is float else int(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}={value!r}: must be {'a number' if annotation is float else 'an integer'}") from None
+            kind = "a number" if annotation is float else "an integer"
+            raise ConfigError(f"{where}={value!r}: must be {kind}") from None
         if annotation is int and isinstance(value, float) and value != number:
             raise ConfigError(f"{where}={value!r}: must be an integer")
         return number

@@ -89,16 +89,21 @@ def load_preset(name_or_path: str) -> Preset:
 
 
 def run_configs(preset: Preset, tasks: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
-                overrides: dict[str, Any] | None = None) -> list[tuple[str, str, int, RunConfig]]:
-    """``(task, variant, seed, config)`` of every run, seed-major; ``overrides`` (sections) apply last."""
-    for task in tasks or []:
-        if task not in preset.tasks:
-            raise ConfigError(f"task {task!r} is not in preset {preset.name!r}: {sorted(preset.tasks)}")
+                overrides: dict[str, Any] | None = None,
+                variants: Sequence[str] | None = None) -> list[tuple[str, str, int, RunConfig]]:
+    """``(task, variant, seed, config)`` of every run, seed-major; ``overrides`` (sections) apply last.
+
+    ``tasks``, ``seeds`` and ``variants`` select a subset (e.g. to share the runs among processes).
+    """
+    for kind, chosen, known in (("task", tasks, preset.tasks), ("variant", variants, preset.variants)):
+        for name in chosen or []:
+            if name not in known:
+                raise ConfigError(f"{kind} {name!r} is not in preset {preset.name!r}: {sorted(known)}")
     runs = []
     for seed in seeds or preset.seeds:
         for task in tasks or preset.tasks:
-            for variant, overrides in preset.variants.items():
-                data = _merge(_merge(preset.base, overrides), preset.tasks[task])
+            for variant in variants or preset.variants:
+                data = _merge(_merge(preset.base, preset.variants[variant]), preset.tasks[task])
                 data = _merge(data, {"data": {"task": task}, "train": {"seed": seed}})
                 data = _merge(data, overrides or {})
                 config = RunConfig.from_dict(data, source=f"{preset.source} [{task}/{variant}/seed {seed}]")
@@ -109,14 +114,14 @@ def run_configs(preset: Preset, tasks: Sequence[str] | None = None, seeds: Seque
 def run_experiment(preset_name: str, out: str | None = None, results: str | None = None,
                    tasks: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                    report_only: bool = False, overrides: dict[str, Any] | None = None,
-                   log: Log = print) -> Path:
+                   variants: Sequence[str] | None = None, log: Log = print) -> Path:
     """Run (or resume) every run of the preset, rewriting the report after each; return the report folder."""
     from varlora.train import train_run
 
     preset = load_preset(preset_name)
     out_dir = Path(out or f"runs/experiment-{preset.name}")
     results_dir = Path(results or f"results/experiment-{preset.name}")
-    runs = run_configs(preset, tasks, seeds, overrides)
+    runs = run_configs(preset, tasks, seeds, overrides, variants)
     if not report_only:
         for index, (task, variant, seed, config) in enumerate(runs, start=1):
             folder = out_dir / task / variant / f"seed{seed}"

@@ -111,11 +111,13 @@ def load_splits(task, config: RunConfig, need_train: bool = True) -> tuple[list[
     """
     d = config.data
     if d.holdout is None:
-        train = task.load("train", data_dir=d.data_dir, limit=d.train_limit, seed=config.train.seed) if need_train else []
+        train = (task.load("train", data_dir=d.data_dir, limit=d.train_limit, seed=config.train.seed)
+                 if need_train else [])
         return train, task.load("validation", data_dir=d.data_dir, limit=d.eval_limit, seed=0)
     pool = task.load("train", data_dir=d.data_dir)
     if d.holdout >= len(pool):
-        raise ConfigError(f"invalid data.holdout={d.holdout}: the train split of {d.task} has only {len(pool)} examples")
+        raise ConfigError(f"invalid data.holdout={d.holdout}: "
+                          f"the train split of {d.task} has only {len(pool)} examples")
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0)).tolist()
     held, rest = [pool[i] for i in order[: d.holdout]], [pool[i] for i in order[d.holdout :]]
     if d.train_limit is not None and d.train_limit < len(rest):

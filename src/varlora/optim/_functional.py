@@ -26,10 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-__all__ = ["NOISE_STREAMS", "accumulate_", "fill_normal_", "flat_view", "perturb_", "update_"]
+__all__ = ["CHUNK", "NOISE_STREAMS", "accumulate_", "fill_normal_", "flat_view", "perturb_", "update_"]
 
 #: Number of independent substreams a CPU noise draw is split into (fixed, so values never depend on threads).
 NOISE_STREAMS = 8
+#: Elements per chunk of the flat state buffers (1 MiB of fp32: a kernel's arrays stay in L2/L3 cache).
+CHUNK = 1 << 18
 # Below this many elements a CPU draw runs in the calling thread (same values, no thread overhead).
 _PARALLEL_MIN_NUMEL = 1 << 17
 _SEED_BOUND = 1 << 62
@@ -63,7 +65,8 @@ def fill_normal_(tensors: Sequence[Tensor], generator: torch.Generator) -> None:
     takes :data:`NOISE_STREAMS` seeds from ``generator``, splits the concatenated elements into that many
     equal contiguous ranges and fills each range from its own seeded generator, up to
     ``torch.get_num_threads()`` ranges at a time. The values depend only on the state of ``generator`` and on
-    the total size, not on how the elements are split into tensors nor on the number of threads.
+    the tensor sizes, not on the number of threads. (``normal_`` pairs its values in blocks, so the same
+    elements split into other tensors give other values: the optimizer passes its flat buffers.)
 
     All tensors must be contiguous, on ``generator``'s device, with a floating dtype.
     """
@@ -88,16 +91,18 @@ def fill_normal_(tensors: Sequence[Tensor], generator: torch.Generator) -> None:
                 chunks[k].append(flat[lo - start : hi - start])
         start = stop
 
-    def fill(k: int) -> None:
-        gen = torch.Generator().manual_seed(seeds[k])
-        for chunk in chunks[k]:
-            chunk.normal_(generator=gen)
+    workers = min(NOISE_STREAMS, torch.get_num_threads()) if total >= _PARALLEL_MIN_NUMEL else 1
 
-    if total >= _PARALLEL_MIN_NUMEL and torch.get_num_threads() > 1:
-        list(_thread_pool().map(fill, range(NOISE_STREAMS)))
+    def fill(worker: int) -> None:
+        for k in range(worker, NOISE_STREAMS, workers):
+            gen = torch.Generator().manual_seed(seeds[k])
+            for chunk in chunks[k]:
+                chunk.normal_(generator=gen)
+
+    if workers > 1:
+        list(_thread_pool().map(fill, range(workers)))
     else:
-        for k in range(NOISE_STREAMS):
-            fill(k)
+        fill(0)
 
 
 def flat_view(tensors: list[Tensor]) -> Tensor | None:
@@ -119,14 +124,15 @@ def flat_view(tensors: list[Tensor]) -> Tensor | None:
 
 
 def _state_lists(foreach: bool, *lists: list[Tensor]) -> list[tuple[Tensor, ...]]:
-    """Per-element tuples for the state kernels: one tuple of flat tensors when ``foreach`` and every list
-    tiles one buffer in the same way, else one tuple per parameter."""
+    """Per-element tuples for the state kernels: with ``foreach``, when every list tiles one buffer in the same
+    way, consecutive chunks of the flat buffers (:data:`CHUNK` elements, so that a kernel's several passes
+    stay in cache); otherwise one tuple per parameter."""
     if foreach and lists[0]:
         flats = [flat_view(ts) for ts in lists]
         if all(f is not None for f in flats):
             sizes = [t.numel() for t in lists[0]]
             if all([t.numel() for t in ts] == sizes for ts in lists[1:]):
-                return [tuple(flats)]  # type: ignore[arg-type]
+                return list(zip(*(f.split(CHUNK) for f in flats), strict=True))  # type: ignore[union-attr]
     return list(zip(*lists, strict=True))
 
 
@@ -339,31 +345,32 @@ def update_(
     hess_scale = (math.sqrt(ess) if price else ess) / num_samples
     radius = clip_radius * bias_correction
     state = _state_lists(foreach, hessians, momenta, grad_sums, hess_sums)
-    for h, mom, g, e in state:
-        _hessian_kernel_(
-            h,
-            mom,
-            g,
-            e,
-            num_samples=num_samples,
-            hess_scale=hess_scale,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=weight_decay,
-            price=price,
-        )
-    if weight_decay:  # grad_sums ← ḡ + δ b m
+    hessian_options = dict(
+        num_samples=num_samples,
+        hess_scale=hess_scale,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        price=price,
+    )
+    counts = []
+    if weight_decay:
+        for h, mom, g, e in state:
+            _hessian_kernel_(h, mom, g, e, **hessian_options)
+        # grad_sums ← ḡ + δ b m, which involves the parameters
         if foreach:
             torch._foreach_copy_(grad_sums, momenta)
             torch._foreach_add_(grad_sums, means, alpha=weight_decay * bias_correction)
         else:
             for u, mom, m in zip(grad_sums, momenta, means, strict=True):
                 torch.add(mom, m, alpha=weight_decay * bias_correction, out=u)
-    clipped = None
-    for h, mom, u, out in state:
-        count = _direction_kernel_(u, out, mom, h, weight_decay=weight_decay, radius=radius)
-        if count is not None:
-            clipped = count if clipped is None else clipped + count
+        for h, mom, u, out in state:
+            counts.append(_direction_kernel_(u, out, mom, h, weight_decay=weight_decay, radius=radius))
+    else:  # both kernels chunk by chunk
+        for h, mom, g, e in state:
+            _hessian_kernel_(h, mom, g, e, **hessian_options)
+            counts.append(_direction_kernel_(g, e, mom, h, weight_decay=0.0, radius=radius))
+    clipped = None if counts[0] is None else torch.stack(counts).sum()
     if foreach:  # m ← m − α/b·clip((ḡ + δbm)/(h+δ), ±ρb)
         torch._foreach_add_(means, hess_sums, alpha=-lr / bias_correction)
     else:
