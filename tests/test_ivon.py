@@ -24,9 +24,7 @@ def mlp(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).to(dtype)
 
 
-def batch(
-    seed: int = 1, n: int = 32, dtype: torch.dtype = torch.float64
-) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(seed: int = 1, n: int = 32, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g, dtype=torch.float64)
     y = torch.stack([x[:, 0] - 2 * x[:, 1], torch.sin(x[:, 2]) + x[:, 3] ** 2], dim=1)
@@ -158,9 +156,11 @@ def test_foreach_path_matches_single_tensor_path(mc_samples):
     assert_same(*states)
 
 
-def test_functional_flat_buffers_and_separate_tensors_agree():
-    """The foreach path runs the state math on one flat tensor when the lists tile buffers (as the optimizer
-    lays them out) and per tensor otherwise; both equal the single-tensor path bit for bit."""
+@pytest.mark.parametrize("chunk", [F.CHUNK, 4])
+def test_functional_flat_buffers_and_separate_tensors_agree(chunk, monkeypatch):
+    """The foreach path runs the state math on chunks of one flat tensor when the lists tile buffers (as the
+    optimizer lays them out) and per tensor otherwise; both equal the single-tensor path bit for bit."""
+    monkeypatch.setattr(F, "CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 5), (7,), (2, 2, 2)]
     sizes = [math.prod(s) for s in shapes]
@@ -283,11 +283,17 @@ def test_converges_to_exact_mean_field_optimum_of_bayesian_linear_regression():
 # ------------------------------------------------------------------------------------ reference defects
 
 
-def test_bf16_parameters_keep_fp32_state_and_h_moves():
+@pytest.mark.parametrize("foreach", [True, False])
+def test_bf16_parameters_keep_fp32_state_and_h_moves(foreach):
     model, (x, y) = mlp(dtype=torch.bfloat16), batch(dtype=torch.bfloat16)
     # β₂ = 0.99999: β₂·h rounds back to h in bf16 (ulp 2^-8), so a bf16 state would never move
     opt = IVON(
-        model.parameters(), lr=1e-3, ess=1000.0, hess_init=1.0, generator=torch.Generator().manual_seed(0)
+        model.parameters(),
+        lr=1e-3,
+        ess=1000.0,
+        hess_init=1.0,
+        foreach=foreach,
+        generator=torch.Generator().manual_seed(0),
     )
     before = [p.detach().clone() for p in model.parameters()]
     train(model, opt, 20, x, y)
@@ -298,6 +304,41 @@ def test_bf16_parameters_keep_fp32_state_and_h_moves():
         assert torch.equal(p.detach(), state["mean"].to(torch.bfloat16))  # p holds its rounded mean
         # updates of ~lr·ρ are far below bf16 resolution but accumulate in the fp32 mean
         assert (state["mean"] != p0.float()).float().mean() > 0.5
+
+
+def test_non_contiguous_parameters_train_like_contiguous_ones():
+    x, y = batch()
+    samples, finals = [], []
+    for transpose in (False, True):
+        model = mlp()
+        if transpose:  # same values, transposed storage
+            model[0].weight = nn.Parameter(model[0].weight.detach().t().contiguous().t())
+            assert not model[0].weight.is_contiguous()
+        opt = IVON(model.parameters(), **DEFAULTS, generator=torch.Generator().manual_seed(0))
+        with opt.sampled_params():
+            samples.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        train(model, opt, 3, x, y)
+        finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(samples[0], samples[1])  # the noise follows the logical layout
+    torch.testing.assert_close(finals[0], finals[1], rtol=0, atol=1e-15)  # the forward's matmul rounds differently
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_parameters_on_several_devices():
+    cpu = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    gpu = nn.Parameter(torch.randn(7, device="cuda", dtype=torch.bfloat16))
+    opt = IVON([cpu, gpu], **DEFAULTS, generator=torch.Generator().manual_seed(0))
+    before = [cpu.detach().clone(), gpu.detach().clone()]
+    for _ in range(3):
+        with opt.sampled_params(train=True):
+            assert not torch.equal(cpu, before[0]) and not torch.equal(gpu, before[1])
+            (cpu.square().sum() + gpu.float().square().sum().cpu().double()).backward()
+        opt.step()
+    assert opt.state[gpu]["hess"].device.type == "cuda" and opt.state[gpu]["hess"].dtype == torch.float32
+    assert opt.state[cpu]["hess"].dtype == torch.float64
+    assert set(opt.state_dict()["ivon"]["generators"]) == {"cpu", "cuda:0"}
+    with opt.sampled_params(tau=0.0):
+        assert torch.equal(gpu, opt.posterior_mean(gpu).to(torch.bfloat16))
 
 
 def test_master_mean_follows_parameters_changed_from_outside():
@@ -322,9 +363,7 @@ def test_parameter_without_gradient_is_skipped_and_frozen_ones_are_constant():
         nn.functional.mse_loss(model(x), y).backward()
     opt.step()
     assert opt.last_step_stats["skipped_params"] == 1
-    assert torch.equal(unused, torch.ones(3, dtype=torch.float64)) and torch.equal(
-        frozen, torch.ones(2).double()
-    )
+    assert torch.equal(unused, torch.ones(3, dtype=torch.float64)) and torch.equal(frozen, torch.ones(2).double())
     assert opt.state[unused]["step"] == 0 and torch.equal(opt.state[unused]["hess"], torch.ones(3).double())
     assert frozen not in opt.state and opt.state[model[0].weight]["step"] == 1
 
@@ -341,9 +380,7 @@ def test_gradient_missing_in_some_samples_counts_as_zero():
                     loss = nn.functional.mse_loss(model(x), y)
                     if s == 1:  # second sample: the last layer's bias gets no gradient (or a zero one)
                         out = model[1](model[0](x)) @ model[2].weight.T
-                        loss = nn.functional.mse_loss(out, y) + (
-                            0.0 * model[2].bias.sum() if explicit_zero else 0
-                        )
+                        loss = nn.functional.mse_loss(out, y) + (0.0 * model[2].bias.sum() if explicit_zero else 0)
                     loss.backward()
             opt.step()
         finals.append(snapshot(model, opt))
@@ -488,9 +525,7 @@ def test_posterior_gives_mean_and_sigma_and_reproduces_sampling():
 
 def test_clip_fraction_matches_brute_force():
     model, (x, y) = mlp(), batch()
-    opt = IVON(
-        model.parameters(), lr=0.01, ess=100.0, clip_radius=0.05, generator=torch.Generator().manual_seed(0)
-    )
+    opt = IVON(model.parameters(), lr=0.01, ess=100.0, clip_radius=0.05, generator=torch.Generator().manual_seed(0))
     train(model, opt, 2, x, y)
     old = {p: (p.detach().clone(), opt.state[p]["hess"].clone()) for p in model.parameters()}
     train(model, opt, 1, x, y)
@@ -498,9 +533,7 @@ def test_clip_fraction_matches_brute_force():
     for p, (m_old, _) in old.items():
         group, state = opt.param_groups[0], opt.state[p]
         b = 1 - group["beta1"] ** state["step"]
-        direction = (state["momentum"] / b + group["weight_decay"] * m_old) / (
-            state["hess"] + group["weight_decay"]
-        )
+        direction = (state["momentum"] / b + group["weight_decay"] * m_old) / (state["hess"] + group["weight_decay"])
         clipped += int((direction.abs() > group["clip_radius"]).sum())
         total += p.numel()
     assert 0 < clipped < total

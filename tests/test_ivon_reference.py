@@ -94,9 +94,7 @@ def test_matches_reference_for_100_steps(mc_samples, rescale_lr, debias, hess_ap
                 group_eps = perturbations[-1][offset : offset + ref_group["numel"]] / sigma
                 offset += ref_group["numel"]
                 sizes = [p.numel() for p in our_group["params"]]
-                eps += [
-                    e.view_as(p) for e, p in zip(group_eps.split(sizes), our_group["params"], strict=True)
-                ]
+                eps += [e.view_as(p) for e, p in zip(group_eps.split(sizes), our_group["params"], strict=True)]
             with ours.sampled_params(train=True, noise=eps):
                 nn.functional.mse_loss(our_model(xb), yb).backward()
         ref.step()

@@ -124,15 +124,13 @@ def flat_view(tensors: list[Tensor]) -> Tensor | None:
 
 
 def _state_lists(foreach: bool, *lists: list[Tensor]) -> list[tuple[Tensor, ...]]:
-    """Per-element tuples for the state kernels: with ``foreach``, when every list tiles one buffer in the same
-    way, consecutive chunks of the flat buffers (:data:`CHUNK` elements, so that a kernel's several passes
-    stay in cache); otherwise one tuple per parameter."""
+    """Per-element tuples for the state kernels: with ``foreach``, when every list tiles one buffer in the
+    same way, consecutive chunks of the flat buffers (:data:`CHUNK` elements, so that a kernel's several
+    passes stay in cache); otherwise one tuple per parameter."""
     if foreach and lists[0]:
         flats = [flat_view(ts) for ts in lists]
-        if all(f is not None for f in flats):
-            sizes = [t.numel() for t in lists[0]]
-            if all([t.numel() for t in ts] == sizes for ts in lists[1:]):
-                return list(zip(*(f.split(CHUNK) for f in flats), strict=True))  # type: ignore[union-attr]
+        if all(f is not None for f in flats):  # tensors at one position share a shape: the tilings agree
+            return list(zip(*(f.split(CHUNK) for f in flats), strict=True))  # type: ignore[union-attr]
     return list(zip(*lists, strict=True))
 
 
@@ -370,7 +368,7 @@ def update_(
         for h, mom, g, e in state:
             _hessian_kernel_(h, mom, g, e, **hessian_options)
             counts.append(_direction_kernel_(g, e, mom, h, weight_decay=0.0, radius=radius))
-    clipped = None if counts[0] is None else torch.stack(counts).sum()
+    clipped = None if not counts or counts[0] is None else torch.stack(counts).sum()
     if foreach:  # m ← m − α/b·clip((ḡ + δbm)/(h+δ), ±ρb)
         torch._foreach_add_(means, hess_sums, alpha=-lr / bias_correction)
     else:

@@ -65,9 +65,9 @@ def _mix_seed(*values: int) -> int:
     mask = (1 << 64) - 1
     x = 0x5EED_1A7E_0F_1B0D
     for v in values:
-        z = (x ^ (v & mask)) + 0x9E3779B97F4A7C15 & mask
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & mask
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & mask
+        z = ((x ^ (v & mask)) + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
         x = z ^ (z >> 31)
     return x >> 1
 
@@ -177,11 +177,15 @@ class IVON(torch.optim.Optimizer):
     sample of the step it is skipped, like ``torch.optim`` does: its mean, state and step count stay as they
     are.
 
-    **Precision and devices.** ``hess``, ``momentum`` and the gradient sums are kept in fp32 (fp64 for fp64
-    parameters). Parameters in bf16/fp16 also get an fp32 master copy of their mean (``state["mean"]``) which
-    the updates act on and which the parameter holds rounded; if the parameter is changed from outside (e.g.
-    loading weights), the master copy is re-synchronised from it at the next sampling. Parameters may live on
-    several devices; noise for each device comes from a generator on that device.
+    **Precision, memory and devices.** ``hess``, ``momentum`` and the gradient sums are kept in fp32 (fp64 for fp64
+    parameters). Parameters in bf16/fp16 also get an fp32 master copy of their mean (``state["mean"]``) which the
+    updates act on and which the parameter holds rounded; if the parameter is changed from outside (e.g. loading
+    weights), the master copy is re-synchronised from it at the next sampling. Besides ``hess`` and ``momentum`` the
+    optimizer keeps two workspace buffers per parameter, reused every step (the saved mean and the noise during a
+    sample, then the gradient sums until ``step()``): it holds 4 floats per parameter against AdamW's 2 (plus 1
+    temporary) and allocates nothing per step. Per (group, device, dtype) each of these is one flat buffer, which the
+    foreach path updates in a few large kernels. Parameters may live on several devices; noise for each device comes
+    from a generator on that device.
 
     **Noise.** ``generator`` (a :class:`torch.Generator`) is the source of all noise; with ``None`` the
     optimizer creates private generators seeded from ``torch.initial_seed()`` when noise is first drawn (mixed
@@ -218,8 +222,13 @@ class IVON(torch.optim.Optimizer):
         foreach: use the ``torch._foreach_*`` path; ``None`` picks it (it is faster on CPU and GPU).
         generator: the noise source; ``None`` for private, deterministically seeded generators.
 
-    Attributes:
-        last_step_stats: diagnostics of the last ``step()`` (see the property).
+    Beyond ``torch.optim``: :meth:`sampled_params` (training and evaluation samples), :meth:`posterior`,
+    :meth:`posterior_mean` and :meth:`posterior_std` (the posterior, e.g. to save it or sample outside the
+    optimizer), :attr:`last_step_stats` (diagnostics to log) and :meth:`discard_samples`.
+
+    Differences from the reference beyond its defects: ``step()`` raises unless exactly ``mc_samples``
+    training contexts preceded it, gradients are reset to ``None`` by training contexts, ``p.data`` is never
+    re-pointed (the parameters are perturbed and restored in place), and ``hess_init`` is not rounded to fp32.
     """
 
     def __init__(
@@ -255,9 +264,7 @@ class IVON(torch.optim.Optimizer):
         )
         _check_options(defaults)
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(
-                f"Invalid number of MC samples (mc_samples): {mc_samples!r} (must be an int >= 1)"
-            )
+            raise ValueError(f"Invalid number of MC samples (mc_samples): {mc_samples!r} (must be an int >= 1)")
         if not isinstance(sync, bool):
             raise ValueError(f"Invalid sync: {sync!r} (expected a bool)")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -363,10 +370,7 @@ class IVON(torch.optim.Optimizer):
     def _pack_state(self) -> None:
         """Move ``hess`` and ``momentum`` of each (group, device, dtype) bucket into one flat buffer each."""
         with_state = [
-            (gi, p)
-            for gi, g in enumerate(self.param_groups)
-            for p in g["params"]
-            if "hess" in self.state.get(p, {})
+            (gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"] if "hess" in self.state.get(p, {})
         ]
         for _, idx in self._buckets([p for _, p in with_state], [gi for gi, _ in with_state]).items():
             params = [with_state[i][1] for i in idx]
@@ -518,9 +522,7 @@ class IVON(torch.optim.Optimizer):
         else:
             for t, eps in zip(noises, noise, strict=True):
                 if eps.shape != t.shape:
-                    raise ValueError(
-                        f"noise of shape {tuple(eps.shape)} for a parameter of shape {tuple(t.shape)}"
-                    )
+                    raise ValueError(f"noise of shape {tuple(eps.shape)} for a parameter of shape {tuple(t.shape)}")
                 t.copy_(eps)
         for (gi, *_), idx in buckets.items():
             group = self.param_groups[gi]
@@ -721,11 +723,7 @@ class IVON(torch.optim.Optimizer):
 
     def _hess(self, p: Tensor, group: dict[str, Any]) -> Tensor:
         state = self.state.get(p, {})
-        return (
-            state["hess"]
-            if "hess" in state
-            else torch.full_like(p, group["hess_init"], dtype=_state_dtype(p))
-        )
+        return state["hess"] if "hess" in state else torch.full_like(p, group["hess_init"], dtype=_state_dtype(p))
 
     def _posterior(self, p: Tensor, group: dict[str, Any]) -> ParamPosterior:
         state = self.state.get(p, {})
@@ -776,9 +774,7 @@ class IVON(torch.optim.Optimizer):
             self._stats = dict(
                 step=self._num_steps,
                 num_samples=raw["num_samples"],
-                clip_fraction=sum(int(c.item()) for c in raw["clipped"]) / raw["numel"]
-                if raw["numel"]
-                else 0.0,
+                clip_fraction=sum(int(c.item()) for c in raw["clipped"]) / raw["numel"] if raw["numel"] else 0.0,
                 hess_mean=hess_sum / count if count else float("nan"),
                 sigma_mean=sigma_sum / count if count else float("nan"),
                 skipped_params=raw["skipped"],
@@ -796,9 +792,7 @@ class IVON(torch.optim.Optimizer):
         as in ``torch.optim``: serialise or deep-copy the result to keep a snapshot.
         """
         if self._sample is not None:
-            raise RuntimeError(
-                "state_dict() cannot be called inside sampled_params(): the weights are perturbed"
-            )
+            raise RuntimeError("state_dict() cannot be called inside sampled_params(): the weights are perturbed")
         out = super().state_dict()
         out["ivon"] = {
             "num_samples": self._num_samples,

@@ -1,0 +1,177 @@
+"""Cost of one IVON step (sampling + update) against ``torch.optim.AdamW(foreach=True)`` on CPU.
+
+Parameter sets are LoRA adapters of Llama-2-7B (32 layers, hidden 4096, MLP 11008):
+
+* 4.2M: rank 8 on q_proj and v_proj (128 tensors of 32,768), the IVON-LoRA paper's setting;
+* 40M: rank 16 on q, k, v, o, gate, up and down projections (448 tensors).
+
+The IVON step is ``with opt.sampled_params(train=True)`` (noise draw, perturbation, restore, gradient
+consumption) plus ``opt.step()``, with the paper's IVON-LoRA hyperparameters; the AdamW step is ``opt.step()``.
+The backward pass, the same for both, is left out: precomputed gradients are attached. The two are timed
+alternately in one process and the ratio is that of the medians (the median of per-repeat ratios is shown
+too). Memory: bytes of the tensors each optimizer keeps (IVON: state plus the workspace that holds the
+gradient sums during a step) and bytes allocated inside one step (profiler), i.e. transient temporaries.
+
+The default is one intra-op thread: on a small shared machine, OpenMP barriers of 2-thread ops stall on
+descheduled threads and AdamW's step time becomes meaningless (tensors of exactly 32,768 elements cross
+PyTorch's parallel grain size). Use ``--threads`` to change it; the noise draw uses as many threads.
+
+Run: ``python benchmarks/optimizer_step.py [--repeats 15] [--threads 1] [--sizes 4.2M 40M]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from varlora import IVON
+from varlora.optim import _functional as F
+
+LAYERS, HIDDEN, MLP = 32, 4096, 11008
+
+
+def lora_shapes(size: str) -> list[tuple[int, int]]:
+    """(A, B) shapes of every LoRA adapter of the configuration."""
+    if size == "4.2M":
+        rank, modules = 8, [(HIDDEN, HIDDEN)] * 2
+    elif size == "40M":
+        rank, modules = 16, [(HIDDEN, HIDDEN)] * 4 + [(HIDDEN, MLP)] * 2 + [(MLP, HIDDEN)]
+    else:
+        raise ValueError(f"unknown size {size!r} (expected 4.2M or 40M)")
+    return [shape for _ in range(LAYERS) for fan_in, fan_out in modules for shape in ((rank, fan_in), (fan_out, rank))]
+
+
+def make_params(shapes: list[tuple[int, int]], seed: int) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.01) for s in shapes]
+    grads = [torch.randn(s, generator=g) * 1e-3 for s in shapes]
+    return params, grads
+
+
+def held_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def allocated_bytes(fn: Callable[[], object]) -> int:
+    """Bytes allocated by the ops run in ``fn`` (freed or not)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events() if e.name.startswith("aten::"))
+
+
+def median_ms(times: list[float]) -> float:
+    return 1e3 * statistics.median(times)
+
+
+def bench(size: str, repeats: int) -> dict[str, float]:
+    shapes = lora_shapes(size)
+    ivon_params, grads = make_params(shapes, 0)
+    adam_params, adam_grads = make_params(shapes, 0)
+    for p, g in zip(adam_params, adam_grads, strict=True):
+        p.grad = g
+    # IVON-LoRA (Cong et al. 2024) on Llama-2-7B, ARC: ess 1e6, h0 1e-3; lr 0.03, clip 1e-3, no weight decay
+    ivon = IVON(
+        ivon_params,
+        lr=0.03,
+        ess=1e6,
+        hess_init=1e-3,
+        weight_decay=0.0,
+        clip_radius=1e-3,
+        rescale_lr=False,
+        generator=torch.Generator().manual_seed(0),
+    )
+    adamw = torch.optim.AdamW(adam_params, lr=5e-5, weight_decay=0.0, foreach=True)
+    noise = torch.empty(sum(p.numel() for p in ivon_params))
+    noise_gen = torch.Generator().manual_seed(1)
+
+    def ivon_step() -> None:
+        with ivon.sampled_params(train=True):
+            for p, g in zip(ivon_params, grads, strict=True):
+                p.grad = g  # stands for loss.backward()
+        ivon.step()
+
+    steps: dict[str, Callable[[], object]] = {
+        "ivon": ivon_step,
+        "adamw": adamw.step,
+        "noise": lambda: F.fill_normal_([noise], noise_gen),
+    }
+    for _ in range(3):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+
+    with ivon.sampled_params(train=True):
+        for p, g in zip(ivon_params, grads, strict=True):
+            p.grad = g
+    ivon_held = [t for s in ivon.state.values() for t in s.values() if torch.is_tensor(t)]
+    ivon_held += [t for _, backups, noises in ivon._workspace.values() for t in backups + noises]
+    ivon.step()
+    adam_held = [t for s in adamw.state.values() for t in s.values() if torch.is_tensor(t)]
+    numel = sum(p.numel() for p in ivon_params)
+    return dict(
+        numel=numel,
+        tensors=len(shapes),
+        adamw_ms=median_ms(times["adamw"]),
+        ivon_ms=median_ms(times["ivon"]),
+        noise_ms=median_ms(times["noise"]),
+        ratio=statistics.median(times["ivon"]) / statistics.median(times["adamw"]),
+        pair_ratio=statistics.median(i / a for i, a in zip(times["ivon"], times["adamw"], strict=True)),
+        adamw_state=held_bytes(adam_held),
+        ivon_state=held_bytes([t for s in ivon.state.values() for t in s.values() if torch.is_tensor(t)]),
+        ivon_held=held_bytes(ivon_held),
+        adamw_alloc=allocated_bytes(adamw.step),
+        ivon_alloc=allocated_bytes(ivon_step),
+        param_bytes=4 * numel,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=15, help="timed steps of each optimizer")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--sizes", nargs="+", default=["4.2M", "40M"], help="LoRA configurations")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.repeats} interleaved repeats, fp32")
+    print("IVON: lr 0.03, ess 1e6, hess_init 1e-3, weight_decay 0, clip_radius 1e-3, 1 MC sample; AdamW foreach")
+    rows = [bench(size, args.repeats) for size in args.sizes]
+    mb = 1 / 2**20
+    print()
+    print("parameters             tensors  AdamW ms  IVON ms  IVON/AdamW  (median per repeat)  noise draw ms")
+    for size, r in zip(args.sizes, rows, strict=True):
+        print(
+            f"{size:>4} = {r['numel']:>10,}  {r['tensors']:>9}  {r['adamw_ms']:>8.1f}  {r['ivon_ms']:>7.1f}"
+            f"  {r['ratio']:>10.2f}  {r['pair_ratio']:>19.2f}  {r['noise_ms']:>13.1f}"
+        )
+    print()
+    print(
+        "memory, MB        parameters   AdamW held + allocated/step = peak   IVON held + allocated/step = peak   ratio"
+    )
+    for size, r in zip(args.sizes, rows, strict=True):
+        adam_peak, ivon_peak = r["adamw_state"] + r["adamw_alloc"], r["ivon_held"] + r["ivon_alloc"]
+        print(
+            f"{size:>4}              {r['param_bytes'] * mb:>10.1f}   {r['adamw_state'] * mb:>10.1f}"
+            f" + {r['adamw_alloc'] * mb:>14.1f} = {adam_peak * mb:>5.1f}   {r['ivon_held'] * mb:>9.1f}"
+            f" + {r['ivon_alloc'] * mb:>14.1f} = {ivon_peak * mb:>5.1f}   {ivon_peak / adam_peak:>5.2f}"
+        )
+    print(
+        "held: tensors kept between steps (AdamW: exp_avg, exp_avg_sq; IVON: hess, momentum and the 2 workspace\n"
+        "buffers); allocated/step: temporaries of one step (profiler), so held + allocated bounds the peak."
+    )
+
+
+if __name__ == "__main__":
+    main()
