@@ -512,6 +512,10 @@ def test_posterior_gives_mean_and_sigma_and_reproduces_sampling():
             torch.testing.assert_close(p.detach(), theta, rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="not a parameter"):
         opt.posterior_std(torch.zeros(2))
+    with opt.sampled_params():
+        assert torch.equal(opt.posterior_std(model[0].weight), posts[0].std)
+        with pytest.raises(RuntimeError, match="perturbed"):
+            opt.posterior_mean(model[0].weight)
     stats = opt.last_step_stats
     all_h = torch.cat([opt.state[p]["hess"].view(-1) for p in model.parameters()])
     assert stats["hess_mean"] == pytest.approx(all_h.mean().item())

@@ -1,13 +1,16 @@
 r"""The math of IVON as pure functions on lists of tensors, apart from the optimizer's bookkeeping.
 
 Each function has a readable single-tensor path (one tensor at a time, the equations written out) and a
-``torch._foreach_*`` path that issues the same kernels over whole lists; ``tests/test_ivon.py`` checks that
-they agree in float64. Every function works in place, allocates nothing on the foreach path, and takes the
-scalars of one parameter group; :class:`varlora.optim.IVON` buckets the tensors by group, device and dtype.
+``torch._foreach_*`` path; both issue the same element-wise operations in the same order, and
+``tests/test_ivon.py`` checks that they agree bit for bit in float64. Every function works in place, takes the
+scalars of one parameter group and allocates no parameter-sized temporary on the foreach path (except for
+bf16/fp16 parameters when sampling); :class:`varlora.optim.IVON` buckets the tensors by group, device and dtype.
 
 Lists that tile one contiguous buffer in order (the optimizer keeps its state and workspace that way) are
-processed by the foreach path as that single flat tensor, so the ops that do not involve the parameters or
-their gradients cost one kernel launch instead of one per parameter.
+processed by the foreach path as chunks of that flat buffer: the math that involves neither the parameters nor
+their gradients (the "state kernels") costs a few kernel launches per chunk instead of one per parameter, and
+the several passes of a kernel stay in cache. Only the operations that read or write the parameters and their
+gradients iterate over the tensors, with ``torch._foreach_*``.
 
 Symbols as in :class:`~varlora.optim.IVON`: :math:`m` mean, :math:`h` Hessian estimate, :math:`\bar g`
 momentum, :math:`\lambda` ``ess``, :math:`\delta` ``weight_decay``,
@@ -199,7 +202,7 @@ def _count_nonzero_(x: Tensor) -> Tensor:
     ``torch.count_nonzero`` runs at ~3 ns an element on CPU floats; ``sign().abs().sum()`` in chunks of
     2**24 elements (where float32 sums of zeros and ones are exact) is several times faster.
     """
-    x = x.view(-1).sign_().abs_()
+    x = x.reshape(-1).sign_().abs_()
     total = torch.zeros((), dtype=torch.int64, device=x.device)
     for chunk in x.split(1 << 24):
         total += chunk.sum().to(torch.int64)

@@ -725,25 +725,31 @@ class IVON(torch.optim.Optimizer):
         state = self.state.get(p, {})
         return state["hess"] if "hess" in state else torch.full_like(p, group["hess_init"], dtype=_state_dtype(p))
 
+    def _std(self, p: Tensor, group: dict[str, Any]) -> Tensor:
+        return (self._hess(p, group) + group["weight_decay"]).mul_(group["ess"]).rsqrt_()
+
     def _posterior(self, p: Tensor, group: dict[str, Any]) -> ParamPosterior:
+        if self._sample is not None:
+            raise RuntimeError("the posterior mean cannot be read inside sampled_params(): the weights are perturbed")
         state = self.state.get(p, {})
-        mean = state["mean"] if "mean" in state else p.detach()
-        std = (self._hess(p, group) + group["weight_decay"]).mul_(group["ess"]).rsqrt_()
-        return ParamPosterior(p, mean, std)
+        mean = state["mean"] if "mean" in state else p.detach().to(_state_dtype(p))
+        return ParamPosterior(p, mean, self._std(p, group))
 
     def posterior_mean(self, p: Tensor) -> Tensor:
-        """:math:`m` of parameter ``p`` in the state dtype (live: the fp32 master copy or ``p`` itself)."""
+        """:math:`m` of parameter ``p`` in the state dtype: live (the fp32 master copy, or ``p`` itself for an
+        fp32/fp64 parameter), so clone it to keep it. ``RuntimeError`` inside ``sampled_params``."""
         return self._posterior(p, self._group_of(p)).mean
 
     def posterior_std(self, p: Tensor) -> Tensor:
         r""":math:`\sigma = 1/\sqrt{\lambda (h + \delta)}` of parameter ``p`` (a new tensor, state dtype)."""
-        return self._posterior(p, self._group_of(p)).std
+        return self._std(p, self._group_of(p))
 
     def posterior(self) -> Iterator[ParamPosterior]:
         """Yield ``(param, mean, std)`` for every sampled parameter (``requires_grad``), in optimizer order.
 
         Usable to save the posterior (e.g. ``{name: (mean, std)}``) or to sample outside the optimizer:
-        ``theta = mean + tau ** 0.5 * std * torch.randn_like(std)``. Call it outside ``sampled_params``.
+        ``theta = mean + tau ** 0.5 * std * torch.randn_like(std)``. ``RuntimeError`` inside ``sampled_params``
+        (the parameters then hold a sample, not the mean).
         """
         for gi, p in self._sampled():
             yield self._posterior(p, self.param_groups[gi])
@@ -766,9 +772,8 @@ class IVON(torch.optim.Optimizer):
             count = 0
             with torch.no_grad():
                 for gi, p in self._sampled():
-                    post = self._posterior(p, self.param_groups[gi])
                     hess_sum += float(self._hess(p, self.param_groups[gi]).sum())
-                    sigma_sum += float(post.std.sum())
+                    sigma_sum += float(self._std(p, self.param_groups[gi]).sum())
                     count += p.numel()
             norms = raw["grad_norms"]
             self._stats = dict(
