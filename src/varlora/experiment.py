@@ -170,7 +170,7 @@ def write_report(preset: Preset, out_dir: Path, results_dir: Path, sample: RunCo
                                      sorted({r.eval_task for r in ood}))
         ood_lines = ["## Out of distribution (trained on the preset's task, evaluated unchanged)", "",
                      report.markdown_table(ood_table, sorted({r.eval_task for r in ood}))]
-    _io.write_text(results_dir / "table.md", "\n".join(header) + report.markdown_table(table, tasks) + "\n"
+    _io.write_text(results_dir / "table.md", "\n".join(header) + "\n" + report.markdown_table(table, tasks) + "\n"
                    + "\n".join(timing) + "\n\n" + "\n".join(ood_lines))
     _io.write_text(results_dir / "table.csv", report.csv_table(table))
     _io.write_text(results_dir / "runs.csv", _runs_csv(labelled))
