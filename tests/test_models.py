@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
 
+from conftest import tiny_llama
 from varlora.config import LoraArgs
 from varlora.models import ModelLoadError, attach_lora, load_base_model, lora_parameters, resolve_model_source
 

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from conftest import SHARED_DATA, SHARED_MODEL, requires_shared
 
+from conftest import SHARED_DATA, SHARED_MODEL, requires_shared
 from varlora.cli import main
 
 pytestmark = [pytest.mark.real, requires_shared]
