@@ -186,7 +186,6 @@ def train_step(session: Session, optimizer: torch.optim.Optimizer, examples: lis
         total = 0.0
         for _ in range(optimizer.mc_samples):
             with optimizer.sampled_params(train=True, max_grad_norm=session.config.train.max_grad_norm):
-                optimizer.zero_grad(set_to_none=True)
                 total += sum(_step_loss(session, mb, n_micro) for mb in micro_batches)
         optimizer.step()
         return total / optimizer.mc_samples
