@@ -42,6 +42,17 @@ def test_paper_preset_matches_the_published_hyperparameters():
     assert adamw.model.name == "meta-llama/Llama-2-7b-hf"
 
 
+def test_seed_overrides_apply_to_their_seed_only(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("description: x\nbase: {eval: {taus: [0.0, 1.0]}}\nvariants: {ivon: {train: {optimizer: ivon}}}\n"
+                    "tasks: {arc_easy: null, obqa: {train: {steps: 3}}}\nseeds: [1, 2]\n"
+                    "seed_overrides: {1: {eval: {taus: [0.0, 0.5, 1.0]}}}\n")
+    runs = {(t, s): c for t, _, s, c in run_configs(load_preset(str(path)))}
+    assert runs[("arc_easy", 1)].eval.taus == [0.0, 0.5, 1.0] and runs[("obqa", 1)].eval.taus == [0.0, 0.5, 1.0]
+    assert runs[("arc_easy", 2)].eval.taus == [0.0, 1.0]
+    assert runs[("obqa", 2)].train.steps == 3 and runs[("arc_easy", 2)].train.steps == 200
+
+
 def test_merge_is_deep_and_does_not_mutate():
     base = {"train": {"steps": 5, "seed": 1}, "eval": {"taus": [0.0]}}
     merged = _merge(base, {"train": {"steps": 9}, "eval": {"taus": [1.0]}})
@@ -106,3 +117,27 @@ def test_write_report_labels_tuning_variants(tmp_path):
     assert f"| {variant} ivon@mean | 40.0 |" in text and "Scoring protocol: **cloze**" in text
     assert not (tmp_path / "results" / "reliability.png").exists()  # only adamw / ivon@mean / ivon are pooled
 
+
+
+def test_a_claimed_run_folder_is_skipped_by_another_process(tmp_path):
+    import multiprocessing
+
+    from varlora.experiment import _claim
+
+    folder = tmp_path / "run"
+    with _claim(folder) as mine:
+        assert mine
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(1) as pool:
+            assert pool.apply(_try_claim, (str(folder),)) is False
+    with context.Pool(1) as pool:
+        assert pool.apply(_try_claim, (str(folder),)) is True
+
+
+def _try_claim(folder: str) -> bool:
+    from pathlib import Path
+
+    from varlora.experiment import _claim
+
+    with _claim(Path(folder)) as claimed:
+        return claimed

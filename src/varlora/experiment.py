@@ -5,22 +5,27 @@ A preset (``src/varlora/recipes/experiment_<name>.yaml`` or any YAML file) has::
     description: what it runs and on what budget (printed in the report)
     base: {section: {field: value}}          RunConfig sections shared by all runs
     variants: {name: {section: {...}}}       e.g. adamw / ivon, or a tuning grid
-    tasks: {task: {section: {...}} | null}   per-task overrides (applied last)
+    tasks: {task: {section: {...}} | null}   per-task overrides
     seeds: [21, 42, 87]
+    seed_overrides: {21: {section: {...}}}   optional, per-seed overrides (applied last), e.g. a finer τ grid
+                                             for the seed that makes the figures
 
 Runs go to ``<out>/<task>/<variant>/seed<seed>`` (each an ordinary ``varlora train`` folder, so a rerun
-resumes the one that was killed and skips the finished ones); the report (``table.md``, ``table.csv``,
+resumes the one that was killed and skips the finished ones; several processes may run the same command
+side by side and share the runs); the report (``table.md``, ``table.csv``,
 ``runs.csv`` and the PNGs) goes to ``<results>``, rewritten after every finished run. Seeds are the
 outer loop, so a partial experiment has complete tables for its first seeds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import fcntl
 import io
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -45,6 +50,7 @@ class Preset:
     tasks: dict[str, dict[str, Any]]
     seeds: list[int]
     source: str
+    seed_overrides: dict[int, dict[str, Any]]
 
 
 def _merge(into: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -78,12 +84,13 @@ def load_preset(name_or_path: str) -> Preset:
     required = {"description", "base", "variants", "tasks", "seeds"}
     if not isinstance(data, dict) or required - set(data):
         raise ConfigError(f"{source}: a preset needs the keys {sorted(required)}")
-    unknown = set(data) - required
+    unknown = set(data) - required - {"seed_overrides"}
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)}")
     tasks = {task: overrides or {} for task, overrides in data["tasks"].items()}
+    seed_overrides = {int(seed): overrides for seed, overrides in (data.get("seed_overrides") or {}).items()}
     preset = Preset(path.stem if path.suffix else name_or_path, data["description"].strip(), data["base"],
-                    data["variants"], tasks, [int(s) for s in data["seeds"]], source)
+                    data["variants"], tasks, [int(s) for s in data["seeds"]], source, seed_overrides)
     run_configs(preset)  # validate every run's config up front
     return preset
 
@@ -104,6 +111,7 @@ def run_configs(preset: Preset, tasks: Sequence[str] | None = None, seeds: Seque
         for task in tasks or preset.tasks:
             for variant in variants or preset.variants:
                 data = _merge(_merge(preset.base, preset.variants[variant]), preset.tasks[task])
+                data = _merge(data, preset.seed_overrides.get(seed, {}))
                 data = _merge(data, {"data": {"task": task}, "train": {"seed": seed}})
                 data = _merge(data, overrides or {})
                 config = RunConfig.from_dict(data, source=f"{preset.source} [{task}/{variant}/seed {seed}]")
@@ -125,14 +133,35 @@ def run_experiment(preset_name: str, out: str | None = None, results: str | None
     if not report_only:
         for index, (task, variant, seed, config) in enumerate(runs, start=1):
             folder = out_dir / task / variant / f"seed{seed}"
-            log(f"[{index}/{len(runs)}] {task} {variant} seed {seed} → {folder}")
-            started = time.perf_counter()
-            train_run(config, folder, log=log)
-            log(f"[{index}/{len(runs)}] done in {time.perf_counter() - started:.0f} s")
+            with _claim(folder) as claimed:
+                if not claimed:
+                    log(f"[{index}/{len(runs)}] {task} {variant} seed {seed}: another process has it, skipping")
+                    continue
+                log(f"[{index}/{len(runs)}] {task} {variant} seed {seed} → {folder}")
+                started = time.perf_counter()
+                train_run(config, folder, log=log)
+                log(f"[{index}/{len(runs)}] done in {time.perf_counter() - started:.0f} s")
             write_report(preset, out_dir, results_dir, runs[0][3])
     write_report(preset, out_dir, results_dir, runs[0][3])
     log(f"report: {results_dir / 'table.md'}")
     return results_dir
+
+
+@contextlib.contextmanager
+def _claim(folder: Path) -> Iterator[bool]:
+    """An exclusive, non-blocking claim on a run folder (``flock``, released when the process ends, even by a
+    kill), so that several ``varlora experiment`` processes can share the runs of one preset."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _row_label(variant: str, method: str) -> str:
