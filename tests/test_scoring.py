@@ -276,6 +276,7 @@ def test_real_letter_answers_are_single_tokens(smollm):
     assert answers == tok.convert_tokens_to_ids(["ĠTrue", "ĠFalse"]) and len(ids) <= 512
 
 
+@pytest.mark.slow
 @pytest.mark.real
 @requires_shared
 def test_real_zero_shot_cloze_arc_easy_beats_chance(smollm):
