@@ -24,7 +24,7 @@ def test_round_trip_through_json(tmp_path):
     [
         ({"train": {"steps": "x"}}, "train.steps='x': must be an integer"),
         ({"train": {"steps": 2.5}}, "train.steps=2.5: must be an integer"),
-        ({"train": {"steps": 0}}, "train.steps=0"),
+        ({"train": {"steps": -1}}, "train.steps=-1"),
         ({"train": {"batch_size": 4, "grad_accum": 3}}, "train.grad_accum=3"),
         ({"data": {"scoring": "logits"}}, "data.scoring='logits': must be one of"),
         ({"ivon": {"lr": -1}}, "ivon.lr=-1.0"),

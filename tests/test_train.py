@@ -97,6 +97,21 @@ def test_train_evaluate_and_reload_reproduce_metrics(assets, tmp_path, optimizer
     assert train_run(_config(assets, optimizer), run, log=lambda _: None)["results"] == summary["results"]
 
 
+def test_zero_steps_evaluates_the_base_model_as_zero_shot(assets, tmp_path):
+    from varlora.evaluate import predict_probs
+    from varlora.train import setup
+
+    config = _config(assets, "ivon", steps=0, eval_every=0)
+    summary = train_run(config, tmp_path / "zs", log=lambda _: None)
+    assert list(summary["results"][summary["task"]]) == ["zero-shot"] and summary["train_seconds"] == 0.0
+    assert not (tmp_path / "zs" / "final" / "posterior.safetensors").exists()
+    session = setup(config, tmp_path / "other")  # LoRA B = 0: the adapter adds nothing to the base model
+    with session.model.disable_adapter():
+        base = predict_probs(session.model, session.scorer, session.val_examples, config.eval.batch_size)
+    saved = load_file(str(tmp_path / "zs" / "eval" / f"{summary['task']}.probs.safetensors"))["probs/zero-shot"]
+    torch.testing.assert_close(saved, base, rtol=0, atol=1e-12)
+
+
 def test_a_different_config_in_the_same_folder_is_refused(assets, tmp_path):
     train_run(_config(assets, "adamw", steps=2, eval_every=0), tmp_path, log=lambda _: None)
     with pytest.raises(ConfigError, match=r"train.steps: saved 2, given 3"):

@@ -145,7 +145,7 @@ class DataArgs:
 @dataclass
 class TrainArgs:
     optimizer: OptimizerName = _help("adamw (MAP baseline) or ivon (variational)", default="ivon")
-    steps: int = _help("optimizer steps", default=200)
+    steps: int = _help("optimizer steps (0: evaluate the untrained model, reported as zero-shot)", default=200)
     batch_size: int = _help("examples per optimizer step", default=4)
     grad_accum: int = _help("micro-batches per step (batch_size must be divisible by it)", default=1)
     max_grad_norm: float | None = _help("clip the gradient norm of each sample (None: off)", default=None)
@@ -156,14 +156,14 @@ class TrainArgs:
 
     def __post_init__(self) -> None:
         _check(self.optimizer in ("adamw", "ivon"), "train.optimizer", self.optimizer, "must be adamw or ivon")
-        _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
+        _check(self.steps >= 0, "train.steps", self.steps, "must be >= 0")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
         _check(self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0, "train.grad_accum",
                self.grad_accum, f"must be >= 1 and divide batch_size={self.batch_size}")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm", self.max_grad_norm,
                "must be > 0 or unset")
-        _check(0 <= self.warmup_steps < self.steps, "train.warmup_steps", self.warmup_steps,
-               f"must be in [0, steps={self.steps})")
+        _check(self.warmup_steps == 0 or self.warmup_steps < self.steps, "train.warmup_steps", self.warmup_steps,
+               f"must be 0 or in [0, steps={self.steps})")
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0")
         _check(self.save_every >= 1, "train.save_every", self.save_every, "must be >= 1")
 

@@ -265,8 +265,11 @@ def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
         handle.flush()
 
 
-def fit(session: Session, log: Log = print) -> torch.optim.Optimizer:
-    """Train for ``config.train.steps`` steps, resuming from ``checkpoint.pt`` when present."""
+def fit(session: Session, log: Log = print) -> tuple[torch.optim.Optimizer, float]:
+    """Train for ``config.train.steps`` steps, resuming from ``checkpoint.pt`` when present.
+
+    Returns the optimizer and the training seconds (steps only: evaluation and checkpoints excluded).
+    """
     cfg = session.config.train
     optimizer = build_optimizer(session.config, list(session.params.values()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(cfg.warmup_steps, cfg.steps))
@@ -278,7 +281,7 @@ def fit(session: Session, log: Log = print) -> torch.optim.Optimizer:
         log(f"resuming {session.paths.root} from step {step}/{cfg.steps}")
     elif session.paths.metrics.exists():
         session.paths.metrics.unlink()
-    if not session.train_examples:
+    if not session.train_examples and cfg.steps > 0:
         raise ValueError(f"task {session.config.data.task!r} has no training examples")
     session.model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.optimizer} {session.config.data.task}", unit="step",
@@ -311,7 +314,7 @@ def fit(session: Session, log: Log = print) -> torch.optim.Optimizer:
         bar.set_postfix(loss=f"{loss:.3f}", **({"acc": f"{rows[-1]['acc']:.1f}"} if len(rows) > 1 else {}))
     bar.close()
     session.model.eval()
-    return optimizer
+    return optimizer, train_seconds
 
 
 def _periodic_eval(session: Session, step: int, train_seconds: float) -> dict[str, Any]:
@@ -325,7 +328,7 @@ def _periodic_eval(session: Session, step: int, train_seconds: float) -> dict[st
 def _save_final(session: Session, optimizer: torch.optim.Optimizer) -> None:
     with _io.atomic_dir(session.paths.final) as folder:
         session.model.save_pretrained(folder)
-        if isinstance(optimizer, IVON):
+        if isinstance(optimizer, IVON) and session.config.train.steps > 0:
             Posterior.from_optimizer(session.params, optimizer).save(folder)
 
 
@@ -341,7 +344,7 @@ def load_final(session: Session) -> Posterior | None:
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing:
         raise ValueError(f"{adapter} lacks LoRA weights the model expects, e.g. {missing[0]}")
-    if session.config.train.optimizer != "ivon":
+    if session.config.train.optimizer != "ivon" or session.config.train.steps == 0:
         return None
     posterior = Posterior.load(folder)
     posterior.check_matches(session.params)
@@ -362,7 +365,7 @@ def evaluate_run(session: Session, posterior: Posterior | None, task_name: str |
         max_length=session.config.data.max_length, length_normalize=session.config.data.length_normalize)
     started = time.perf_counter()
     predictions = evaluate_model(session.model, scorer, examples, session.config.eval,
-                                 optimizer_name=session.config.train.optimizer, params=session.params,
+                                 optimizer_name=_method_prefix(session.config), params=session.params,
                                  posterior=posterior)
     seconds = time.perf_counter() - started
     _save_predictions(session, task_name, predictions, seconds)
@@ -371,6 +374,11 @@ def evaluate_run(session: Session, posterior: Posterior | None, task_name: str |
         log(f"{task_name:>16} {p.method:>16}: acc {m['acc']:5.1f}%  ece {m['ece']:5.1f}%  "
             f"nll {m['nll']:.3f}  brier {m['brier']:.3f}  (n={len(examples)}, ece bins={m['n_bins']})")
     return predictions
+
+
+def _method_prefix(config: RunConfig) -> str:
+    """``zero-shot`` for an untrained run (steps 0: LoRA B = 0, the base model), else the optimizer's name."""
+    return "zero-shot" if config.train.steps == 0 else config.train.optimizer
 
 
 def _save_predictions(session: Session, task_name: str, predictions: list[Prediction], seconds: float) -> None:
@@ -400,17 +408,17 @@ def train_run(config: RunConfig, run_dir: str | Path, log: Log = print) -> dict[
         log(f"{paths.root} is complete; reading its results")
         return json.loads(summary_path.read_text())
     session = setup(config, paths.root)
-    if paths.final.exists() and not paths.checkpoint.exists():
+    if paths.final.exists() and not paths.checkpoint.exists() and config.train.steps > 0:
         raise FileNotFoundError(f"{paths.root} has final/ but no checkpoint.pt; start a new run folder")
-    optimizer = fit(session, log)
+    optimizer, train_seconds = fit(session, log)
     _save_final(session, optimizer)
-    posterior = Posterior.from_optimizer(session.params, optimizer) if isinstance(optimizer, IVON) else None
+    trained_ivon = isinstance(optimizer, IVON) and config.train.steps > 0
+    posterior = Posterior.from_optimizer(session.params, optimizer) if trained_ivon else None
     results = {}
     for task_name in [config.data.task, *config.eval.ood_tasks]:
         results[task_name] = {p.method: p.metrics for p in evaluate_run(session, posterior, task_name, log)}
-    state = torch.load(paths.checkpoint, map_location="cpu", weights_only=False)
     summary = {"run_dir": str(paths.root), "optimizer": config.train.optimizer, "task": config.data.task,
-               "seed": config.train.seed, "steps": config.train.steps, "train_seconds": state["train_seconds"],
+               "seed": config.train.seed, "steps": config.train.steps, "train_seconds": train_seconds,
                "n_train": len(session.train_examples), "n_eval": len(session.val_examples), "results": results}
     _io.write_json(summary_path, summary)
     return summary
