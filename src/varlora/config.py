@@ -49,6 +49,8 @@ def _check(condition: bool, name: str, value: Any, requirement: str) -> None:
 
 @dataclass
 class ModelArgs:
+    """The base causal LM."""
+
     name: str = _help(
         "Hugging Face id, local folder, or path to a .gguf file "
         "(e.g. ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf)",
@@ -64,6 +66,8 @@ class ModelArgs:
 
 @dataclass
 class LoraArgs:
+    """LoRA adapters (peft): rank, scale, dropout, target modules."""
+
     r: int = _help("LoRA rank", default=8)
     alpha: float = _help("LoRA scaling numerator (scale = alpha / r)", default=16.0)
     dropout: float = _help("dropout on the LoRA input", default=0.1)
@@ -80,6 +84,8 @@ class LoraArgs:
 
 @dataclass
 class AdamWArgs:
+    """AdamW, the MAP baseline (Loshchilov & Hutter 2019)."""
+
     lr: float = _help("peak learning rate", default=3e-4)
     weight_decay: float = _help("decoupled weight decay", default=0.0)
     beta1: float = _help("first-moment decay", default=0.9)
@@ -95,6 +101,8 @@ class AdamWArgs:
 
 @dataclass
 class IVONArgs:
+    """IVON (Shen et al. 2024): posterior N(m, 1/(ess (h + weight_decay))); see varlora.IVON for the update."""
+
     lr: float = _help("peak learning rate alpha", default=0.3)
     ess: float = _help("effective sample size lambda (sets the posterior scale)", default=1e6)
     hess_init: float = _help("initial Hessian estimate h0; initial std is 1/sqrt(ess*h0)", default=1e-3)
@@ -118,6 +126,8 @@ class IVONArgs:
 
 @dataclass
 class DataArgs:
+    """Task, scoring protocol and data subsets."""
+
     task: str = _help("task name from `varlora tasks`, or jsonl:TRAIN[,VALIDATION] for your own data",
                       default="arc_easy")
     scoring: ScoringMode = _help("letter: published last-token protocol; cloze: choice log-likelihood",
@@ -144,6 +154,8 @@ class DataArgs:
 
 @dataclass
 class TrainArgs:
+    """The training loop: optimizer, steps, batches, schedule, checkpoints, seed."""
+
     optimizer: OptimizerName = _help("adamw (MAP baseline) or ivon (variational)", default="ivon")
     steps: int = _help("optimizer steps (0: evaluate the untrained model, reported as zero-shot)", default=200)
     batch_size: int = _help("examples per optimizer step", default=4)
@@ -170,6 +182,8 @@ class TrainArgs:
 
 @dataclass
 class EvalArgs:
+    """Evaluation: posterior samples, variance scales tau, ECE bins, out-of-distribution tasks."""
+
     n_samples: int = _help("posterior samples whose probabilities are averaged (IVON)", default=10)
     taus: list[float] = _help("posterior variance scales tau in [0, 1] to evaluate (0 = IVON@mean)",
                               default_factory=lambda: [0.0, 1.0])
