@@ -176,14 +176,15 @@ def write_report(preset: Preset, out_dir: Path, results_dir: Path, sample: RunCo
         return
     labelled = [report.RunResult(r.folder, r.train_task, r.eval_task, _row_label(r.folder.parent.name, r.method),
                                  r.seed, r.train_seconds, r.metrics) for r in found]
-    methods = list(dict.fromkeys(r.method for r in labelled))
-    tasks = [t for t in preset.tasks if any(r.train_task == t for r in labelled)]
+    first = ("zero-shot", "adamw", "ivon@mean", "ivon")
+    methods = sorted({r.method for r in labelled}, key=lambda m: (first.index(m) if m in first else len(first), m))
+    tasks = list(preset.tasks)  # every column, so that "average" is over all of them or absent
     table = report.aggregate(labelled, methods, tasks)
     seeds = sorted({r.seed for r in labelled})
     header = [
         f"# Experiment `{preset.name}`", "", preset.description, "",
         f"Scoring protocol: **{sample.data.scoring}**. Model: `{sample.model.name}`. "
-        f"Seeds finished: {seeds}. Mean ± standard error over seeds; ECE with {sample.eval.n_bins} bins; "
+        f"Seeds with results: {seeds}. Mean ± standard error over seeds; ECE with {sample.eval.n_bins} bins; "
         f"IVON = average of {sample.eval.n_samples} posterior samples (τ = 1), IVON@mean = τ = 0.", "",
     ]
     timing = ["| training seconds (mean over seeds) | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
