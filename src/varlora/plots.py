@@ -63,28 +63,31 @@ def reliability_diagrams(
 
 def tau_tradeoff(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path,
                  baselines: Mapping[str, Mapping[str, float]] | None = None) -> Path:
-    """Error (%) against NLL and against ECE (%) as τ goes 0 → 1, one line per task (Cong et al., Fig. 1).
+    """Error (%) against NLL (top row) and against ECE (%) (bottom row) as τ goes 0 → 1, one column per task
+    (Cong et al., Fig. 1).
 
     ``curves[task]`` is a list of metric rows with keys ``tau``, ``acc``, ``nll``, ``ece``; ``baselines[task]``
     (optional) is AdamW's row, drawn as a cross.
     """
-    fig, (ax_nll, ax_ece) = plt.subplots(1, 2, figsize=(10, 4))
-    for index, (task, rows) in enumerate(curves.items()):
-        color = f"C{index}"
+    fig, axes = plt.subplots(2, len(curves), figsize=(3.2 * len(curves), 6), squeeze=False)
+    for column, (task, rows) in enumerate(curves.items()):
         rows = sorted(rows, key=lambda r: r["tau"])
         error = [100 - r["acc"] for r in rows]
-        for ax, key in ((ax_nll, "nll"), (ax_ece, "ece")):
-            ax.plot([r[key] for r in rows], error, "-o", color=color, markersize=3, label=task)
-            ax.annotate("τ=0", (rows[0][key], error[0]), fontsize=7, color=color)
-            ax.annotate("τ=1", (rows[-1][key], error[-1]), fontsize=7, color=color)
+        for ax, key, label in ((axes[0][column], "nll", "NLL"), (axes[1][column], "ece", "ECE (%)")):
+            ax.plot([r[key] for r in rows], error, "-o", color="C0", markersize=4, label="IVON, τ 0→1")
+            for r, e in zip(rows, error, strict=True):
+                ax.annotate(f"τ={r['tau']:g}", (r[key], e), fontsize=7, color="C0", xytext=(3, 3),
+                            textcoords="offset points")
             if baselines and task in baselines:
-                ax.plot(baselines[task][key], 100 - baselines[task]["acc"], "x", color=color, markersize=8)
-    ax_nll.set_xlabel("NLL")
-    ax_ece.set_xlabel("ECE (%)")
-    for ax in (ax_nll, ax_ece):
-        ax.set_ylabel("error (%)")
-        ax.grid(alpha=0.3)
-    ax_nll.legend(fontsize=8, title="IVON, τ 0→1 (x: AdamW)")
+                ax.plot(baselines[task][key], 100 - baselines[task]["acc"], "x", color="C3", markersize=9,
+                        label="AdamW")
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3)
+        axes[0][column].set_title(task, fontsize=10)
+    for row in axes:
+        row[0].set_ylabel("error (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
     return _save(fig, path)
 
 
