@@ -75,7 +75,7 @@ def test_train_evaluate_and_reload_reproduce_metrics(assets, tmp_path, optimizer
     summary = train_run(_config(assets, optimizer), run, log=lambda _: None)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 7))
-    assert [r["step"] for r in rows if r["kind"] == "eval"] == [3, 6]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 3, 6]
     methods = summary["results"][summary["task"]]
     expected = {"adamw"} if optimizer == "adamw" else {"ivon@mean", "ivon[tau=0.5]", "ivon"}
     assert set(methods) == expected

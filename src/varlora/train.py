@@ -283,6 +283,8 @@ def fit(session: Session, log: Log = print) -> tuple[torch.optim.Optimizer, floa
         session.paths.metrics.unlink()
     if not session.train_examples and cfg.steps > 0:
         raise ValueError(f"task {session.config.data.task!r} has no training examples")
+    if cfg.eval_every and step == 0 and cfg.steps > 0:  # learning curves start at the untrained model
+        _append_rows(session.paths.metrics, [_periodic_eval(session, 0, 0.0)])
     session.model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.optimizer} {session.config.data.task}", unit="step",
                dynamic_ncols=True, disable=None)
