@@ -9,6 +9,7 @@ A run folder holds::
     final/                      peft adapter (adapter_model.safetensors, adapter_config.json) and, for
                                 IVON, posterior.safetensors (σ, h, ess, δ)
     eval/<task>.json            metrics of every method; eval/<task>.probs.safetensors the probabilities
+    summary.json                written last: the run's final metrics and training seconds
 
 Running the same command again continues a killed run from its checkpoint, bit for bit, and does
 nothing more for a finished one.
