@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import tiny_llama, tiny_tokenizer
 from varlora.cli import main
 from varlora.config import ConfigError, RunConfig
-from varlora.train import batch_indices, linear_schedule, train_run
+from varlora.train import RunPaths, batch_indices, linear_schedule, task_file_stem, train_run
 
 WORDS = ["red", "blue", "green", "gold", "gray", "pink", "black", "white"]
 
@@ -58,6 +58,12 @@ def _config(assets, optimizer: str, **train) -> RunConfig:
     })
 
 
+def test_task_file_stems_are_flat_and_distinct():
+    assert task_file_stem("arc_easy") == "arc_easy"
+    a, b = task_file_stem("jsonl:train=/x/a.jsonl"), task_file_stem("jsonl:train=/y/a.jsonl")
+    assert "/" not in a and ":" not in a and a != b
+
+
 def test_schedule_and_data_order_are_stateless():
     f = linear_schedule(2, 10)
     assert [f(s) for s in range(4)] == [0.5, 1.0, 1.0, 7 / 8]
@@ -88,11 +94,18 @@ def test_train_evaluate_and_reload_reproduce_metrics(assets, tmp_path, optimizer
     adapter = load_file(str(run / "final" / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
     # `varlora eval` reloads base + adapter + posterior and reproduces the saved metrics exactly
-    saved = json.loads((run / "eval" / f"{summary['task']}.json").read_text())
+    saved = json.loads(RunPaths(run).eval_json(summary["task"]).read_text())
+    assert len(list((run / "eval").iterdir())) == 2  # a jsonl spec becomes one flat, safe file name
     capsys.readouterr()
     assert main(["eval", str(run)]) == 0
     assert "reproduces the metrics saved by training" in capsys.readouterr().out
-    assert json.loads((run / "eval" / f"{summary['task']}.json").read_text())["methods"] == saved["methods"]
+    assert json.loads(RunPaths(run).eval_json(summary["task"]).read_text())["methods"] == saved["methods"]
+    # out of distribution: the same posterior evaluated on another task's data
+    other = f"jsonl:validation={_write_data(run, 10, seed=5)}"
+    assert main(["eval", str(run), "--task", other]) == 0
+    ood = json.loads(RunPaths(run).eval_json(other).read_text())
+    assert ood["task"] == other and ood["train_task"] == summary["task"] and ood["n_examples"] == 10
+    assert set(ood["methods"]) == set(methods)
     # a finished run is not trained again
     assert train_run(_config(assets, optimizer), run, log=lambda _: None)["results"] == summary["results"]
 
@@ -108,7 +121,7 @@ def test_zero_steps_evaluates_the_base_model_as_zero_shot(assets, tmp_path):
     session = setup(config, tmp_path / "other")  # LoRA B = 0: the adapter adds nothing to the base model
     with session.model.disable_adapter():
         base = predict_probs(session.model, session.scorer, session.val_examples, config.eval.batch_size)
-    saved = load_file(str(tmp_path / "zs" / "eval" / f"{summary['task']}.probs.safetensors"))["probs/zero-shot"]
+    saved = load_file(str(RunPaths(tmp_path / "zs").eval_probs(summary["task"])))["probs/zero-shot"]
     torch.testing.assert_close(saved, base, rtol=0, atol=1e-12)
 
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from varlora import _io, plots
+from varlora.train import RunPaths
 
 __all__ = ["RunResult", "find_runs", "aggregate", "markdown_table", "csv_table", "write_figures"]
 
@@ -133,7 +134,7 @@ def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 1
     pooled: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
     for r in in_domain:
         if r.method in STANDARD_METHODS:
-            tensors = load_file(str(r.folder / "eval" / f"{r.train_task}.probs.safetensors"))
+            tensors = load_file(str(RunPaths(r.folder).eval_probs(r.train_task)))
             confidence, prediction = tensors[f"probs/{r.method}"].max(dim=-1)
             pooled[r.method][0].append(confidence)
             pooled[r.method][1].append(prediction == tensors["labels"])

@@ -17,9 +17,11 @@ nothing more for a finished one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ from varlora.scoring import make_scorer
 from varlora.tasks import Example, get_task
 
 __all__ = ["RunPaths", "Session", "setup", "build_optimizer", "linear_schedule", "batch_indices", "fit",
-           "train_run", "evaluate_run", "load_final", "load_splits", "train_step"]
+           "train_run", "evaluate_run", "load_final", "load_splits", "train_step", "task_file_stem"]
 
 Log = Callable[[str], None]
 
@@ -67,10 +69,19 @@ class RunPaths:
         return self.root / "final"
 
     def eval_json(self, task: str) -> Path:
-        return self.root / "eval" / f"{task}.json"
+        return self.root / "eval" / f"{task_file_stem(task)}.json"
 
     def eval_probs(self, task: str) -> Path:
-        return self.root / "eval" / f"{task}.probs.safetensors"
+        return self.root / "eval" / f"{task_file_stem(task)}.probs.safetensors"
+
+
+def task_file_stem(task: str) -> str:
+    """A file name for a task: registry names as they are; others (``jsonl:train=/a/b.jsonl,...``) reduced to
+    safe characters plus a short hash of the full spec, so that two specs never share a file."""
+    if re.fullmatch(r"[A-Za-z0-9_.-]+", task):
+        return task
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", task)[-48:].strip("_.")
+    return f"{readable}-{hashlib.sha1(task.encode()).hexdigest()[:8]}"
 
 
 @dataclass
