@@ -126,9 +126,15 @@ def test_zero_steps_evaluates_the_base_model_as_zero_shot(assets, tmp_path):
 
 
 def test_a_different_config_in_the_same_folder_is_refused(assets, tmp_path):
-    train_run(_config(assets, "adamw", steps=2, eval_every=0), tmp_path, log=lambda _: None)
+    first = _config(assets, "adamw", steps=2, eval_every=0)
+    summary = train_run(first, tmp_path, log=lambda _: None)
     with pytest.raises(ConfigError, match=r"train.steps: saved 2, given 3"):
         train_run(_config(assets, "adamw", steps=3, eval_every=0), tmp_path, log=lambda _: None)
+    with pytest.raises(ConfigError, match=r"adamw.lr: saved 0.01, given 0.02"):
+        train_run(RunConfig.from_dict(first.to_dict() | {"adamw": {"lr": 0.02}}), tmp_path, log=lambda _: None)
+    # the IVON section cannot affect an AdamW run: changing it is not a different run
+    other_ivon = RunConfig.from_dict(first.to_dict() | {"ivon": {"beta2": 0.5}})
+    assert train_run(other_ivon, tmp_path, log=lambda _: None) == summary
 
 
 def _train_command(assets, run: Path, steps: int) -> list[str]:

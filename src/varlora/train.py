@@ -246,12 +246,20 @@ def _load_checkpoint(session, optimizer, scheduler) -> tuple[int, float]:
     return state["step"], state["train_seconds"]
 
 
+def _effective(config: RunConfig) -> dict[str, Any]:
+    """The config without the section of the optimizer the run does not use (it cannot affect the run)."""
+    data = config.to_dict()
+    del data["ivon" if config.train.optimizer == "adamw" else "adamw"]
+    return data
+
+
 def _prepare_run_dir(config: RunConfig, paths: RunPaths) -> None:
-    """Write config.json for a new run; refuse to continue a run made with a different config."""
+    """Write config.json for a new run; refuse to continue a run made with a different config (the unused
+    optimizer's section aside, so that e.g. a changed IVON default does not orphan finished AdamW runs)."""
     if paths.config.exists():
         saved = RunConfig.load(paths.config)
-        if saved.to_dict() != config.to_dict():
-            diff = _config_diff(saved.to_dict(), config.to_dict())
+        if _effective(saved) != _effective(config):
+            diff = _config_diff(_effective(saved), _effective(config))
             raise ConfigError(f"{paths.root} holds a run with another config ({diff}); "
                               "use a new run folder or the same options")
         return
