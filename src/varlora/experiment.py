@@ -184,7 +184,8 @@ def write_report(preset: Preset, out_dir: Path, results_dir: Path, sample: RunCo
     header = [
         f"# Experiment `{preset.name}`", "", preset.description, "",
         f"Scoring protocol: **{sample.data.scoring}**. Model: `{sample.model.name}`. "
-        f"Seeds with results: {seeds}. Mean ± standard error over seeds; ECE with {sample.eval.n_bins} bins; "
+        f"Seeds with results: {seeds}. Mean ± standard error over the seeds a cell has (no ± for one seed); the "
+        f"average column uses only the seeds that have every task; ECE with {sample.eval.n_bins} bins; "
         f"IVON = average of {sample.eval.n_samples} posterior samples (τ = 1), IVON@mean = τ = 0.", "",
     ]
     timing = ["| training seconds (mean over seeds) | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
