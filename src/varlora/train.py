@@ -108,9 +108,13 @@ def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True) ->
     model.to(_device())
     task = get_task(config.data.task)
     train_examples, val_examples = load_splits(task, config, need_train=need_train)
-    scorer = make_scorer(config.data.scoring, tokenizer, task, max_length=config.data.max_length,
-                         length_normalize=config.data.length_normalize)
+    scorer = _scorer(config, tokenizer, task)
     return Session(config, paths, model, lora_parameters(model), tokenizer, scorer, train_examples, val_examples)
+
+
+def _scorer(config: RunConfig, tokenizer, task):
+    d = config.data
+    return make_scorer(d.scoring, tokenizer, task, max_length=d.max_length, length_normalize=d.length_normalize)
 
 
 def load_splits(task, config: RunConfig, need_train: bool = True) -> tuple[list[Example], list[Example]]:
@@ -378,13 +382,12 @@ def evaluate_run(session: Session, posterior: Posterior | None, task_name: str |
     """Evaluate the final model on ``task_name`` (default: the training task) and save metrics + probabilities."""
     task_name = task_name or session.config.data.task
     if task_name == session.config.data.task:
-        examples = session.val_examples
+        examples, scorer = session.val_examples, session.scorer
     else:
-        examples = get_task(task_name).load("validation", data_dir=session.config.data.data_dir,
-                                            limit=session.config.data.eval_limit, seed=0)
-    scorer = session.scorer if task_name == session.config.data.task else make_scorer(
-        session.config.data.scoring, session.tokenizer, get_task(task_name),
-        max_length=session.config.data.max_length, length_normalize=session.config.data.length_normalize)
+        task = get_task(task_name)
+        examples = task.load("validation", data_dir=session.config.data.data_dir,
+                             limit=session.config.data.eval_limit, seed=0)
+        scorer = _scorer(session.config, session.tokenizer, task)
     started = time.perf_counter()
     predictions = evaluate_model(session.model, scorer, examples, session.config.eval,
                                  optimizer_name=_method_prefix(session.config), params=session.params,
