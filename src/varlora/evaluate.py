@@ -58,8 +58,9 @@ def predict_probs(model: torch.nn.Module, scorer, examples: Sequence[Example], b
             batch = scorer.collate([examples[i] for i in order[start : start + batch_size]])
             logits = scorer.choice_logits(model, batch)  # (B, K)
             chunks.append(torch.softmax(logits.double(), dim=-1).cpu())
-        probs = torch.empty_like(torch.cat(chunks))
-        probs[torch.tensor(order)] = torch.cat(chunks)
+        sorted_probs = torch.cat(chunks)
+        probs = torch.empty_like(sorted_probs)
+        probs[torch.tensor(order)] = sorted_probs
         return probs
     finally:
         model.train(was_training)

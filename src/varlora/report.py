@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from varlora import _io, plots
-from varlora.train import RunPaths
+from varlora.run_paths import RunPaths
 
 __all__ = ["RunResult", "find_runs", "aggregate", "markdown_table", "csv_table", "write_figures"]
 

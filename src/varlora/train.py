@@ -17,11 +17,9 @@ nothing more for a finished one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from varlora.evaluate import Prediction, evaluate_model
 from varlora.models import attach_lora, load_base_model, load_tokenizer, lora_parameters
 from varlora.optim import IVON
 from varlora.posterior import Posterior
+from varlora.run_paths import RunPaths, task_file_stem
 from varlora.scoring import make_scorer
 from varlora.tasks import Example, get_task
 
@@ -46,42 +45,6 @@ __all__ = ["RunPaths", "Session", "setup", "build_optimizer", "linear_schedule",
            "train_run", "evaluate_run", "load_final", "load_splits", "train_step", "task_file_stem"]
 
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.json"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "checkpoint.pt"
-
-    @property
-    def final(self) -> Path:
-        return self.root / "final"
-
-    def eval_json(self, task: str) -> Path:
-        return self.root / "eval" / f"{task_file_stem(task)}.json"
-
-    def eval_probs(self, task: str) -> Path:
-        return self.root / "eval" / f"{task_file_stem(task)}.probs.safetensors"
-
-
-def task_file_stem(task: str) -> str:
-    """A file name for a task: registry names as they are; others (``jsonl:train=/a/b.jsonl,...``) reduced to
-    safe characters plus a short hash of the full spec, so that two specs never share a file."""
-    if re.fullmatch(r"[A-Za-z0-9_.-]+", task):
-        return task
-    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", task)[-48:].strip("_.")
-    return f"{readable}-{hashlib.sha1(task.encode()).hexdigest()[:8]}"
 
 
 @dataclass
