@@ -24,7 +24,9 @@ def test_the_expected_presets_are_shipped():
 def test_every_shipped_preset_expands_to_valid_configs(name):
     preset = load_preset(name)
     runs = run_configs(preset)
-    assert len(runs) == len(preset.seeds) * len(preset.tasks) * len(preset.variants)
+    trained = [v for v in preset.variants if (preset.variants[v].get("train") or {}).get("steps") != 0]
+    once = len(preset.variants) - len(trained)  # zero-shot variants run at the first seed only
+    assert len(runs) == len(preset.tasks) * (len(preset.seeds) * len(trained) + once)
     assert [seed for _, _, seed, _ in runs] == sorted(seed for _, _, seed, _ in runs)  # seed-major
     for task, _variant, seed, config in runs:
         assert config.data.task == task and config.train.seed == seed
@@ -51,6 +53,15 @@ def test_seed_overrides_apply_to_their_seed_only(tmp_path):
     assert runs[("arc_easy", 1)].eval.taus == [0.0, 0.5, 1.0] and runs[("obqa", 1)].eval.taus == [0.0, 0.5, 1.0]
     assert runs[("arc_easy", 2)].eval.taus == [0.0, 1.0]
     assert runs[("obqa", 2)].train.steps == 3 and runs[("arc_easy", 2)].train.steps == 200
+
+
+def test_a_zero_step_variant_runs_once_at_the_first_seed(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("description: x\nbase: {}\nvariants: {ivon: {train: {optimizer: ivon}}, zs: {train: {steps: 0}}}\n"
+                    "tasks: {arc_easy: null}\nseeds: [5, 3]\n")
+    preset = load_preset(str(path))
+    assert [(v, s) for _, v, s, _ in run_configs(preset)] == [("ivon", 5), ("zs", 5), ("ivon", 3)]
+    assert [(v, s) for _, v, s, _ in run_configs(preset, seeds=[3])] == [("ivon", 3)]
 
 
 def test_merge_is_deep_and_does_not_mutate():

@@ -118,6 +118,9 @@ def test_zero_steps_evaluates_the_base_model_as_zero_shot(assets, tmp_path):
     summary = train_run(config, tmp_path / "zs", log=lambda _: None)
     assert list(summary["results"][summary["task"]]) == ["zero-shot"] and summary["train_seconds"] == 0.0
     assert not (tmp_path / "zs" / "final" / "posterior.safetensors").exists()
+    # a zero-shot run never steps: neither optimizer's section can make it a different run
+    retuned = RunConfig.from_dict(config.to_dict() | {"adamw": {"lr": 0.5}, "ivon": {"ess": 7.0}})
+    assert train_run(retuned, tmp_path / "zs", log=lambda _: None) == summary
     session = setup(config, tmp_path / "other")  # LoRA B = 0: the adapter adds nothing to the base model
     with session.model.disable_adapter():
         base = predict_probs(session.model, session.scorer, session.val_examples, config.eval.batch_size)

@@ -100,7 +100,8 @@ def run_configs(preset: Preset, tasks: Sequence[str] | None = None, seeds: Seque
                 variants: Sequence[str] | None = None) -> list[tuple[str, str, int, RunConfig]]:
     """``(task, variant, seed, config)`` of every run, seed-major; ``overrides`` (sections) apply last.
 
-    ``tasks``, ``seeds`` and ``variants`` select a subset (e.g. to share the runs among processes).
+    ``tasks``, ``seeds`` and ``variants`` select a subset (e.g. to share the runs among processes). A variant
+    with ``train.steps: 0`` (zero-shot) is seed-independent and runs only at the preset's first seed.
     """
     for kind, chosen, known in (("task", tasks, preset.tasks), ("variant", variants, preset.variants)):
         for name in chosen or []:
@@ -115,6 +116,8 @@ def run_configs(preset: Preset, tasks: Sequence[str] | None = None, seeds: Seque
                 data = _merge(data, {"data": {"task": task}, "train": {"seed": seed}})
                 data = _merge(data, overrides or {})
                 config = RunConfig.from_dict(data, source=f"{preset.source} [{task}/{variant}/seed {seed}]")
+                if config.train.steps == 0 and seed != preset.seeds[0]:
+                    continue  # an untrained model's evaluation does not depend on the seed: run it once
                 runs.append((task, variant, seed, config))
     return runs
 

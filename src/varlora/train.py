@@ -214,9 +214,12 @@ def _load_checkpoint(session, optimizer, scheduler) -> tuple[int, float]:
 
 
 def _effective(config: RunConfig) -> dict[str, Any]:
-    """The config without the section of the optimizer the run does not use (it cannot affect the run)."""
+    """The config without the optimizer sections the run does not use (they cannot affect it): the other
+    optimizer's, and both when ``train.steps == 0`` (a zero-shot run never steps)."""
     data = config.to_dict()
-    del data["ivon" if config.train.optimizer == "adamw" else "adamw"]
+    other = "ivon" if config.train.optimizer == "adamw" else "adamw"
+    for section in {"adamw", "ivon"} if config.train.steps == 0 else {other}:
+        del data[section]
     return data
 
 
