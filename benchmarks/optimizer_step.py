@@ -77,15 +77,10 @@ def median_ms(times: list[float]) -> float:
     return 1e3 * statistics.median(times)
 
 
-def bench(size: str, repeats: int) -> dict[str, float]:
-    shapes = lora_shapes(size)
-    ivon_params, grads = make_params(shapes, 0)
-    adam_params, adam_grads = make_params(shapes, 0)
-    for p, g in zip(adam_params, adam_grads, strict=True):
-        p.grad = g
+def make_ivon(params: list[torch.nn.Parameter], fused: bool) -> IVON:
     # IVON-LoRA (Cong et al. 2024) on Llama-2-7B, ARC: ess 1e6, h0 1e-3; lr 0.03, clip 1e-3, no weight decay
-    ivon = IVON(
-        ivon_params,
+    return IVON(
+        params,
         lr=0.03,
         ess=1e6,
         hess_init=1e-3,
@@ -93,21 +88,38 @@ def bench(size: str, repeats: int) -> dict[str, float]:
         clip_radius=1e-3,
         rescale_lr=False,
         generator=torch.Generator().manual_seed(0),
+        fused=fused,
     )
+
+
+def bench(size: str, repeats: int) -> dict[str, float]:
+    shapes = lora_shapes(size)
+    ivon_params, grads = make_params(shapes, 0)
+    torch_params, _ = make_params(shapes, 0)
+    adam_params, adam_grads = make_params(shapes, 0)
+    for p, g in zip(adam_params, adam_grads, strict=True):
+        p.grad = g
+    ivon, ivon_torch = make_ivon(ivon_params, fused=True), make_ivon(torch_params, fused=False)
     adamw = torch.optim.AdamW(adam_params, lr=5e-5, weight_decay=0.0, foreach=True)
     noise = torch.empty(sum(p.numel() for p in ivon_params))
     noise_gen = torch.Generator().manual_seed(1)
 
-    def ivon_step() -> None:
-        with ivon.sampled_params(train=True):
-            for p, g in zip(ivon_params, grads, strict=True):
-                p.grad = g  # stands for loss.backward()
-        ivon.step()
+    def step_of(opt: IVON, params: list[torch.nn.Parameter]) -> Callable[[], None]:
+        def step() -> None:
+            with opt.sampled_params(train=True):
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = g  # stands for loss.backward()
+            opt.step()
 
+        return step
+
+    ivon_step = step_of(ivon, ivon_params)
     steps: dict[str, Callable[[], object]] = {
         "ivon": ivon_step,
+        "ivon_torch": step_of(ivon_torch, torch_params),
         "adamw": adamw.step,
         "noise": lambda: F.fill_normal_([noise], noise_gen),
+        "noise_fused": lambda: F.fill_normal_([noise], noise_gen, fused=True),
     }
     for _ in range(3):
         for fn in steps.values():
@@ -133,9 +145,12 @@ def bench(size: str, repeats: int) -> dict[str, float]:
         tensors=len(shapes),
         adamw_ms=median_ms(times["adamw"]),
         ivon_ms=median_ms(times["ivon"]),
+        ivon_torch_ms=median_ms(times["ivon_torch"]),
         noise_ms=median_ms(times["noise"]),
+        noise_fused_ms=median_ms(times["noise_fused"]),
         ratio=statistics.median(times["ivon"]) / statistics.median(times["adamw"]),
         pair_ratio=statistics.median(i / a for i, a in zip(times["ivon"], times["adamw"], strict=True)),
+        torch_ratio=statistics.median(times["ivon_torch"]) / statistics.median(times["adamw"]),
         adamw_state=held_bytes(adam_held),
         ivon_state=held_bytes([t for s in ivon.state.values() for t in s.values() if torch.is_tensor(t)]),
         ivon_held=held_bytes(ivon_held),
@@ -154,14 +169,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.repeats} interleaved repeats, fp32")
     print("IVON: lr 0.03, ess 1e6, hess_init 1e-3, weight_decay 0, clip_radius 1e-3, 1 MC sample; AdamW foreach")
+    print("IVON = the default fused CPU kernels; IVON torch = fused=False (the torch._foreach_* path)")
     rows = [bench(size, args.repeats) for size in args.sizes]
     mb = 1 / 2**20
     print()
-    print("parameters             tensors  AdamW ms  IVON ms  IVON/AdamW  (median per repeat)  noise draw ms")
+    print("parameters             tensors  AdamW ms  IVON ms  IVON/AdamW  (median per repeat)"
+          "  IVON torch ms  IVON torch/AdamW  noise ms: fused  torch")
     for size, r in zip(args.sizes, rows, strict=True):
         print(
             f"{size:>4} = {r['numel']:>10,}  {r['tensors']:>9}  {r['adamw_ms']:>8.1f}  {r['ivon_ms']:>7.1f}"
-            f"  {r['ratio']:>10.2f}  {r['pair_ratio']:>19.2f}  {r['noise_ms']:>13.1f}"
+            f"  {r['ratio']:>10.2f}  {r['pair_ratio']:>19.2f}  {r['ivon_torch_ms']:>13.1f}"
+            f"  {r['torch_ratio']:>16.2f}  {r['noise_fused_ms']:>15.1f}  {r['noise_ms']:>5.1f}"
         )
     print()
     print(

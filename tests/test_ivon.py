@@ -573,11 +573,11 @@ import io, sys, torch
 from torch import nn
 from varlora import IVON
 
-def setup(seed, dtype, foreach, mc_samples):
+def setup(seed, dtype, path, mc_samples):
     torch.manual_seed(seed)  # different per run: loading must override everything
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(dtype)
     opt = IVON(model.parameters(), lr=0.05, ess=100.0, clip_radius=0.5, mc_samples=mc_samples,
-               foreach=foreach)
+               foreach=path == "foreach", fused=path == "fused")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + 0.1 * t))
     return model, opt, sched
 
@@ -612,9 +612,9 @@ def final(model, opt):
     return out
 
 if __name__ == "__main__":
-    ckpt, out, dtype, foreach, mc_samples, first, last = sys.argv[1:]
-    dtype, foreach, mc_samples = getattr(torch, dtype), foreach == "1", int(mc_samples)
-    model, opt, sched = setup(999, dtype, foreach, mc_samples)
+    ckpt, out, dtype, path, mc_samples, first, last = sys.argv[1:]
+    dtype, mc_samples = getattr(torch, dtype), int(mc_samples)
+    model, opt, sched = setup(999, dtype, path, mc_samples)
     load(open(ckpt, "rb").read(), model, opt, sched)
     run(model, opt, sched, int(first), int(last), dtype)
     torch.save(final(model, opt), out)
@@ -636,24 +636,25 @@ def assert_same_final(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "dtype, foreach, mc_samples, cut",
+    "dtype, path, mc_samples, cut",
     [
-        (torch.float32, True, 1, 7),
-        (torch.float32, False, 1, 7),
-        (torch.bfloat16, True, 1, 7),
-        (torch.float32, True, 2, 7),  # cut between the two samples of a step
+        (torch.float32, "fused", 1, 7),
+        (torch.float32, "foreach", 1, 7),
+        (torch.float32, "single", 1, 7),
+        (torch.bfloat16, "foreach", 1, 7),
+        (torch.float32, "fused", 2, 7),  # cut between the two samples of a step
     ],
 )
-def test_resume_from_state_dict_is_bitwise_identical(dtype, foreach, mc_samples, cut):
+def test_resume_from_state_dict_is_bitwise_identical(dtype, path, mc_samples, cut):
     ns: dict = {}
     exec(RESUME_SCRIPT, ns)
     total = 20
-    model, opt, sched = ns["setup"](0, dtype, foreach, mc_samples)
+    model, opt, sched = ns["setup"](0, dtype, path, mc_samples)
     ns["run"](model, opt, sched, 0, cut, dtype)
     blob = ns["save"](model, opt, sched)
     ns["run"](model, opt, sched, cut, total, dtype)
     uninterrupted = ns["final"](model, opt)
-    model, opt, sched = ns["setup"](1, dtype, foreach, mc_samples)
+    model, opt, sched = ns["setup"](1, dtype, path, mc_samples)
     ns["load"](blob, model, opt, sched)
     ns["run"](model, opt, sched, cut, total, dtype)
     assert_same_final(ns["final"](model, opt), uninterrupted)
@@ -662,13 +663,13 @@ def test_resume_from_state_dict_is_bitwise_identical(dtype, foreach, mc_samples,
 def test_resume_in_a_fresh_process_is_bitwise_identical(tmp_path):
     ns: dict = {}
     exec(RESUME_SCRIPT, ns)
-    model, opt, sched = ns["setup"](0, torch.float32, True, 1)
+    model, opt, sched = ns["setup"](0, torch.float32, "fused", 1)
     ns["run"](model, opt, sched, 0, 9, torch.float32)
     (tmp_path / "ckpt.pt").write_bytes(ns["save"](model, opt, sched))
     ns["run"](model, opt, sched, 9, 25, torch.float32)
     script = tmp_path / "resume.py"
     script.write_text(textwrap.dedent(RESUME_SCRIPT))
-    args = [str(tmp_path / "ckpt.pt"), str(tmp_path / "out.pt"), "float32", "1", "1", "9", "25"]
+    args = [str(tmp_path / "ckpt.pt"), str(tmp_path / "out.pt"), "float32", "fused", "1", "9", "25"]
     subprocess.run([sys.executable, str(script), *args], check=True, timeout=120)
     assert_same_final(torch.load(tmp_path / "out.pt", weights_only=True), ns["final"](model, opt))
 

@@ -29,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from varlora.optim import _cpu_kernels
+
 __all__ = ["CHUNK", "NOISE_STREAMS", "accumulate_", "fill_normal_", "flat_view", "perturb_", "update_"]
 
 #: Number of independent substreams a CPU noise draw is split into (fixed, so values never depend on threads).
@@ -60,7 +62,7 @@ def _thread_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def fill_normal_(tensors: Sequence[Tensor], generator: torch.Generator) -> None:
+def fill_normal_(tensors: Sequence[Tensor], generator: torch.Generator, fused: bool = False) -> None:
     r"""Fill ``tensors`` in place with independent :math:`\mathcal N(0, 1)` draws taken from ``generator``.
 
     On CUDA (and any non-CPU device) each tensor is filled from ``generator`` directly. PyTorch draws CPU
@@ -70,6 +72,10 @@ def fill_normal_(tensors: Sequence[Tensor], generator: torch.Generator) -> None:
     ``torch.get_num_threads()`` ranges at a time. The values depend only on the state of ``generator`` and on
     the tensor sizes, not on the number of threads. (``normal_`` pairs its values in blocks, so the same
     elements split into other tensors give other values: the optimizer passes its flat buffers.)
+
+    With ``fused`` (contiguous fp32 CPU tensors only) the ranges are filled by the compiled vectorised
+    generator of :mod:`~varlora.optim._cpu_kernels` (xoshiro128+ and Box-Muller, several times faster), seeded
+    from the same seeds: other values, the same distribution, the same guarantees.
 
     All tensors must be contiguous, on ``generator``'s device, with a floating dtype.
     """
@@ -98,6 +104,10 @@ def fill_normal_(tensors: Sequence[Tensor], generator: torch.Generator) -> None:
 
     def fill(worker: int) -> None:
         for k in range(worker, NOISE_STREAMS, workers):
+            if fused:  # one seed per piece of the range (usually one: the optimizer passes a flat buffer)
+                for j, chunk in enumerate(chunks[k]):
+                    _cpu_kernels.fill_normal(chunk, (seeds[k] + j * 0x9E3779B97F4A7C15) % (1 << 64))
+                continue
             gen = torch.Generator().manual_seed(seeds[k])
             for chunk in chunks[k]:
                 chunk.normal_(generator=gen)
@@ -223,6 +233,7 @@ def perturb_(
     weight_decay: float,
     scale: float,
     foreach: bool,
+    fused: bool = False,
 ) -> None:
     r"""Move the parameters to a sample :math:`\theta = m + s\,\sigma\odot\epsilon`, in place.
 
@@ -237,8 +248,12 @@ def perturb_(
         ess, weight_decay: :math:`\lambda`, :math:`\delta`.
         scale: :math:`s = \sqrt\tau` (1 for training).
         foreach: use the ``torch._foreach_*`` path.
+        fused: use the compiled one-pass kernel (fp32 CPU tensors, ``params`` being ``means``).
     """
     value = scale / math.sqrt(ess)
+    if fused:
+        _cpu_kernels.perturb(params, backups, noises, hessians, weight_decay=weight_decay, value=value)
+        return
     for eps, h, root in _state_lists(foreach, noises, hessians, backups):
         _noise_kernel_(eps, h, root, weight_decay)
     in_place = all(p is m for p, m in zip(params, means, strict=True))
@@ -266,6 +281,7 @@ def accumulate_(
     hess_approx: str,
     first: bool,
     foreach: bool,
+    fused: bool = False,
 ) -> None:
     r"""Add one MC sample's gradient :math:`g` to the running sums of the step, in place.
 
@@ -273,11 +289,15 @@ def accumulate_(
     (``"price"``, with :math:`\eta` from :func:`perturb_`) or :math:`\sum_s g_s\odot g_s` (``"gradsq"``).
     With ``first`` the sums are started rather than added to: their previous content is ignored, and
     ``hess_sums`` may be the very tensors of ``noises`` (the noise is not needed afterwards).
-    ``grads`` may have a lower-precision dtype than the sums.
+    ``grads`` may have a lower-precision dtype than the sums. ``fused`` runs the compiled one-pass kernel
+    (fp32 CPU tensors).
     """
     if hess_approx not in ("price", "gradsq"):
         raise ValueError(f"Invalid hess_approx: {hess_approx!r}")
     price = hess_approx == "price"
+    if fused:
+        _cpu_kernels.accumulate(grad_sums, hess_sums, grads, noises, first=first, price=price)
+        return
     if foreach:
         if first:
             torch._foreach_copy_(grad_sums, grads)
@@ -317,6 +337,7 @@ def update_(
     bias_correction: float,
     hess_approx: str,
     foreach: bool,
+    fused: bool = False,
 ) -> Tensor | None:
     r"""One IVON update of :math:`\bar g`, :math:`h` and :math:`m`, in place.
 
@@ -334,7 +355,8 @@ def update_(
            = m - \tfrac{\alpha}{b}\,\mathrm{clip}\big((\bar g + \delta b\,m)/(h+\delta),\ \pm\rho b\big)
 
     the last form being the one computed. ``grad_sums`` and ``hess_sums`` serve as scratch space and hold
-    garbage on return. Both paths issue the same element-wise operations in the same order.
+    garbage on return. Both paths issue the same element-wise operations in the same order; ``fused`` runs
+    them, element by element, in the compiled one-pass kernel (fp32 CPU tensors; same result to rounding).
 
     Returns:
         The number of coordinates whose update was clipped (a 0-dim int64 tensor, not synchronised), or
@@ -345,6 +367,11 @@ def update_(
     price = hess_approx == "price"
     hess_scale = (math.sqrt(ess) if price else ess) / num_samples
     radius = clip_radius * bias_correction
+    if fused:
+        count = _cpu_kernels.update(means, grad_sums, hess_sums, momenta, hessians, num_samples=num_samples,
+                                    hess_scale=hess_scale, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                                    radius=radius, bias_correction=bias_correction, lr=lr, price=price)
+        return torch.tensor(count) if math.isfinite(radius) else None
     state = _state_lists(foreach, hessians, momenta, grad_sums, hess_sums)
     hessian_options = dict(
         num_samples=num_samples,
