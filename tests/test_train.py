@@ -36,13 +36,17 @@ def _write_data(folder: Path, n: int, seed: int) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("assets")
+def build_assets(folder: Path, n_train: int = 48, n_val: int = 16) -> dict[str, str]:
+    """A tiny Llama with its tokenizer and a jsonl task, saved in ``folder``."""
     tiny_llama(seed=0).save_pretrained(folder / "model")
     tiny_tokenizer().save_pretrained(folder / "model")
-    train, val = _write_data(folder, 48, seed=1), _write_data(folder, 16, seed=2)
+    train, val = _write_data(folder, n_train, seed=1), _write_data(folder, n_val, seed=2)
     return {"model": str(folder / "model"), "task": f"jsonl:train={train},validation={val}"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_assets(tmp_path_factory.mktemp("assets"))
 
 
 def _config(assets, optimizer: str, **train) -> RunConfig:

@@ -185,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "experiment": _cmd_experiment,
                "tasks": _cmd_tasks}[args.command]
+    if args.command in ("train", "experiment"):
+        from varlora import distributed
+
+        distributed.init()  # several processes under torchrun; nothing otherwise
     try:
         handler(args)
     except (ValueError, FileNotFoundError) as err:  # ConfigError, DataError, ModelLoadError are ValueErrors

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from varlora import distributed
 from varlora.config import EvalArgs
 from varlora.metrics import compute_metrics, mutual_information, predictive_entropy
 from varlora.posterior import Posterior
@@ -48,19 +49,23 @@ def predict_probs(model: torch.nn.Module, scorer, examples: Sequence[Example], b
     """Softmax over the choice scores at the model's current weights, (N, K) float64, in eval mode.
 
     Examples are batched in order of text length (less padding), and the rows returned in input order.
+    Under :mod:`varlora.distributed` each rank scores every N-th example of that order and every rank gets
+    all the rows.
     """
     was_training = model.training
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: _text_length(examples[i]))
+    order = sorted(range(len(examples)), key=lambda i: _text_length(examples[i]))[distributed.rank() ::
+                                                                                   distributed.world_size()]
     try:
         chunks = []
         for start in range(0, len(order), batch_size):
             batch = scorer.collate([examples[i] for i in order[start : start + batch_size]])
             logits = scorer.choice_logits(model, batch)  # (B, K)
             chunks.append(torch.softmax(logits.double(), dim=-1).cpu())
-        sorted_probs = torch.cat(chunks)
-        probs = torch.empty_like(sorted_probs)
-        probs[torch.tensor(order)] = sorted_probs
+        parts = distributed.all_gather_objects((order, torch.cat(chunks) if chunks else None))
+        rows = torch.tensor([i for indices, _ in parts for i in indices])
+        probs = torch.empty(len(examples), *next(p.shape[1:] for _, p in parts if p is not None), dtype=torch.float64)
+        probs[rows] = torch.cat([p for _, p in parts if p is not None])
         return probs
     finally:
         model.train(was_training)

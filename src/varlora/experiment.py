@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from varlora import _io, report
+from varlora import _io, distributed, report
 from varlora.config import ConfigError, RunConfig
 
 __all__ = ["Preset", "load_preset", "run_configs", "run_experiment", "write_report"]
@@ -126,9 +126,13 @@ def run_experiment(preset_name: str, out: str | None = None, results: str | None
                    tasks: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                    report_only: bool = False, overrides: dict[str, Any] | None = None,
                    variants: Sequence[str] | None = None, log: Log = print) -> Path:
-    """Run (or resume) every run of the preset, rewriting the report after each; return the report folder."""
+    """Run (or resume) every run of the preset, rewriting the report after each; return the report folder.
+
+    Under ``torchrun`` all ranks run each run together: rank 0 claims the folder and writes the report."""
     from varlora.train import train_run
 
+    main = distributed.is_main()
+    log = distributed.main_only(log)
     preset = load_preset(preset_name)
     out_dir = Path(out or f"runs/experiment-{preset.name}")
     results_dir = Path(results or f"results/experiment-{preset.name}")
@@ -136,16 +140,18 @@ def run_experiment(preset_name: str, out: str | None = None, results: str | None
     if not report_only:
         for index, (task, variant, seed, config) in enumerate(runs, start=1):
             folder = out_dir / task / variant / f"seed{seed}"
-            with _claim(folder) as claimed:
-                if not claimed:
+            with _claim(folder) if main else contextlib.nullcontext(None) as claimed:
+                if not distributed.broadcast_object(claimed):
                     log(f"[{index}/{len(runs)}] {task} {variant} seed {seed}: another process has it, skipping")
                     continue
                 log(f"[{index}/{len(runs)}] {task} {variant} seed {seed} → {folder}")
                 started = time.perf_counter()
                 train_run(config, folder, log=log)
                 log(f"[{index}/{len(runs)}] done in {time.perf_counter() - started:.0f} s")
-            write_report(preset, out_dir, results_dir, runs[0][3])
-    write_report(preset, out_dir, results_dir, runs[0][3])
+            if main:
+                write_report(preset, out_dir, results_dir, runs[0][3])
+    if main:
+        write_report(preset, out_dir, results_dir, runs[0][3])
     log(f"report: {results_dir / 'table.md'}")
     return results_dir
 

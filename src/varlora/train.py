@@ -12,7 +12,8 @@ A run folder holds::
     summary.json                written last: the run's final metrics and training seconds
 
 Running the same command again continues a killed run from its checkpoint, bit for bit, and does
-nothing more for a finished one.
+nothing more for a finished one. Under ``torchrun`` the ranks share each batch (see
+:mod:`varlora.distributed`); rank 0 writes the files, and the checkpoint keeps every rank's RNG states.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from varlora import _io
+from varlora import _io, distributed
 from varlora.config import ConfigError, RunConfig
 from varlora.evaluate import Prediction, evaluate_model
 from varlora.models import attach_lora, load_base_model, load_tokenizer, lora_parameters
@@ -68,7 +69,9 @@ def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True) ->
     tokenizer = load_tokenizer(config.model.name)
     base = load_base_model(config.model.name, config.model.dtype)
     model = attach_lora(base, config.lora, seed=config.train.seed)
-    model.to(_device())
+    model.to(distributed.local_device())
+    if distributed.rank() > 0:  # the same LoRA initialisation on every rank, but rank-specific dropout
+        torch.manual_seed(config.train.seed * 1_000_003 + distributed.rank())
     task = get_task(config.data.task)
     train_examples, val_examples = load_splits(task, config, need_train=need_train)
     scorer = _scorer(config, tokenizer, task)
@@ -105,10 +108,6 @@ def load_splits(task, config: RunConfig, need_train: bool = True) -> tuple[list[
     return rest, held[: d.eval_limit]
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def build_optimizer(config: RunConfig, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW (the MAP baseline) or IVON with the run's hyper-parameters."""
     if config.train.optimizer == "adamw":
@@ -116,10 +115,11 @@ def build_optimizer(config: RunConfig, params: Sequence[torch.nn.Parameter]) -> 
         return torch.optim.AdamW(params, lr=a.lr, betas=(a.beta1, a.beta2), eps=a.eps,
                                  weight_decay=a.weight_decay, foreach=True)
     v = config.ivon
-    generator = torch.Generator().manual_seed(config.train.seed)
+    # each rank its own noise: under torch.distributed the ranks are IVON's MC samples (sync=True)
+    generator = torch.Generator().manual_seed(config.train.seed + 1_000_003 * distributed.rank())
     return IVON(params, lr=v.lr, ess=v.ess, hess_init=v.hess_init, beta1=v.beta1, beta2=v.beta2,
                 weight_decay=v.weight_decay, mc_samples=v.mc_samples, clip_radius=v.clip_radius,
-                rescale_lr=v.rescale_lr, generator=generator)
+                rescale_lr=v.rescale_lr, generator=generator, sync=distributed.active())
 
 
 def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -157,9 +157,12 @@ def train_step(session: Session, optimizer: torch.optim.Optimizer, examples: lis
 
     IVON: each of the ``mc_samples`` samples θₛ runs all micro-batches inside ``sampled_params`` (their
     gradients accumulate at the same θₛ), the optimizer clips the sample's gradient norm before it consumes
-    it, then one ``step``. AdamW: accumulate, clip, step.
+    it, then one ``step``. AdamW: accumulate, clip, step. Under :mod:`varlora.distributed` each rank takes
+    every N-th example (AdamW averages the gradients over ranks before clipping; IVON averages its
+    estimates in ``step``) and the loss is the mean over ranks.
     """
     n_micro = session.config.train.grad_accum
+    examples = examples[distributed.rank() :: distributed.world_size()]
     micro_batches = [examples[i::n_micro] for i in range(n_micro)]
     if isinstance(optimizer, IVON):
         total = 0.0
@@ -167,13 +170,14 @@ def train_step(session: Session, optimizer: torch.optim.Optimizer, examples: lis
             with optimizer.sampled_params(train=True, max_grad_norm=session.config.train.max_grad_norm):
                 total += sum(_step_loss(session, mb, n_micro) for mb in micro_batches)
         optimizer.step()
-        return total / optimizer.mc_samples
+        return distributed.mean_over_ranks(total / optimizer.mc_samples)
     optimizer.zero_grad(set_to_none=True)
     total = sum(_step_loss(session, mb, n_micro) for mb in micro_batches)
+    distributed.average_gradients(list(session.params.values()))
     if session.config.train.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(list(session.params.values()), session.config.train.max_grad_norm)
     optimizer.step()
-    return total
+    return distributed.mean_over_ranks(total)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -192,24 +196,39 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _save_checkpoint(session, optimizer, scheduler, step: int, train_seconds: float) -> None:
+    """Rank 0 writes; with several ranks, ``ranks`` keeps each one's RNG states and IVON noise generators
+    (the rest of the state is the same on every rank)."""
+    optimizer_state = optimizer.state_dict()
+    ranks = distributed.all_gather_objects({"rng": _rng_state(), "ivon": optimizer_state.get("ivon")})
+    if not distributed.is_main():
+        return
     _io.torch_save({
         "step": step,
         "train_seconds": train_seconds,
         "params": {n: p.detach().cpu().clone() for n, p in session.params.items()},
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "rng": _rng_state(),
+        **({"ranks": ranks} if distributed.active() else {}),
     }, session.paths.checkpoint)
 
 
 def _load_checkpoint(session, optimizer, scheduler) -> tuple[int, float]:
     state = torch.load(session.paths.checkpoint, map_location="cpu", weights_only=False)
+    saved_world = len(state.get("ranks", [None]))
+    if saved_world != distributed.world_size():
+        raise ConfigError(f"{session.paths.checkpoint} was written by {saved_world} process(es); resume it with "
+                          f"as many (this run has {distributed.world_size()})")
     with torch.no_grad():
         for name, param in session.params.items():
             param.copy_(state["params"][name])
-    optimizer.load_state_dict(state["optimizer"])
+    own = state["ranks"][distributed.rank()] if "ranks" in state else {"rng": state["rng"]}
+    optimizer_state = state["optimizer"]
+    if own.get("ivon") is not None:
+        optimizer_state = {**optimizer_state, "ivon": own["ivon"]}
+    optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    _set_rng_state(own["rng"])
     return state["step"], state["train_seconds"]
 
 
@@ -249,6 +268,8 @@ def _config_diff(old: dict, new: dict, prefix: str = "") -> str:
 
 
 def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not distributed.is_main():
+        return
     with open(path, "a") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
@@ -261,15 +282,20 @@ def fit(session: Session, log: Log = print) -> tuple[torch.optim.Optimizer, floa
     Returns the optimizer and the training seconds (steps only: evaluation and checkpoints excluded).
     """
     cfg = session.config.train
+    world = distributed.world_size()
+    if cfg.batch_size % world or cfg.batch_size // world < cfg.grad_accum:
+        raise ConfigError(f"train.batch_size={cfg.batch_size} must split evenly over {world} processes, with at "
+                          f"least train.grad_accum={cfg.grad_accum} examples each")
     optimizer = build_optimizer(session.config, list(session.params.values()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(cfg.warmup_steps, cfg.steps))
     step, train_seconds = 0, 0.0
     if session.paths.checkpoint.exists():
         step, train_seconds = _load_checkpoint(session, optimizer, scheduler)
-        kept = [r for r in _io.read_jsonl(session.paths.metrics) if r["step"] <= step]
-        _io.write_text(session.paths.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        if distributed.is_main():
+            kept = [r for r in _io.read_jsonl(session.paths.metrics) if r["step"] <= step]
+            _io.write_text(session.paths.metrics, "".join(json.dumps(r) + "\n" for r in kept))
         log(f"resuming {session.paths.root} from step {step}/{cfg.steps}")
-    elif session.paths.metrics.exists():
+    elif session.paths.metrics.exists() and distributed.is_main():
         session.paths.metrics.unlink()
     if not session.train_examples and cfg.steps > 0:
         raise ValueError(f"task {session.config.data.task!r} has no training examples")
@@ -277,7 +303,7 @@ def fit(session: Session, log: Log = print) -> tuple[torch.optim.Optimizer, floa
         _append_rows(session.paths.metrics, [_periodic_eval(session, 0, 0.0)])
     session.model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.optimizer} {session.config.data.task}", unit="step",
-               dynamic_ncols=True, disable=None)
+               dynamic_ncols=True, disable=None if distributed.is_main() else True)
     while step < cfg.steps:
         indices = batch_indices(step, cfg.batch_size, len(session.train_examples), cfg.seed)
         started = time.perf_counter()
@@ -318,6 +344,8 @@ def _periodic_eval(session: Session, step: int, train_seconds: float) -> dict[st
 
 
 def _save_final(session: Session, optimizer: torch.optim.Optimizer) -> None:
+    if not distributed.is_main():
+        return
     with _io.atomic_dir(session.paths.final) as folder:
         session.model.save_pretrained(folder)
         if isinstance(optimizer, IVON) and session.config.train.steps > 0:
@@ -373,6 +401,8 @@ def _method_prefix(config: RunConfig) -> str:
 
 
 def _save_predictions(session: Session, task_name: str, predictions: list[Prediction], seconds: float) -> None:
+    if not distributed.is_main():
+        return
     c = session.config
     tensors = {"labels": predictions[0].labels.contiguous()}
     for p in predictions:
@@ -393,9 +423,18 @@ def _save_predictions(session: Session, task_name: str, predictions: list[Predic
 def train_run(config: RunConfig, run_dir: str | Path, log: Log = print) -> dict[str, Any]:
     """Train (or resume) and evaluate one run; return its summary. A finished run is only re-read."""
     paths = RunPaths(Path(run_dir))
-    _prepare_run_dir(config, paths)
+    log = distributed.main_only(log)
+    refused = None
+    if distributed.is_main():
+        try:
+            _prepare_run_dir(config, paths)
+        except ConfigError as err:
+            refused = str(err)
+    refused = distributed.broadcast_object(refused)
+    if refused is not None:
+        raise ConfigError(refused)
     summary_path = paths.root / "summary.json"
-    if summary_path.exists():
+    if distributed.broadcast_object(summary_path.exists()):
         log(f"{paths.root} is complete; reading its results")
         return json.loads(summary_path.read_text())
     session = setup(config, paths.root)
@@ -410,6 +449,9 @@ def train_run(config: RunConfig, run_dir: str | Path, log: Log = print) -> dict[
         results[task_name] = {p.method: p.metrics for p in evaluate_run(session, posterior, task_name, log)}
     summary = {"run_dir": str(paths.root), "optimizer": config.train.optimizer, "task": config.data.task,
                "seed": config.train.seed, "steps": config.train.steps, "train_seconds": train_seconds,
-               "n_train": len(session.train_examples), "n_eval": len(session.val_examples), "results": results}
-    _io.write_json(summary_path, summary)
+               "n_train": len(session.train_examples), "n_eval": len(session.val_examples), "results": results,
+               "processes": distributed.world_size()}
+    if distributed.is_main():
+        _io.write_json(summary_path, summary)
+    distributed.barrier()
     return summary
