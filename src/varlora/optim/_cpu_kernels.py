@@ -2,7 +2,8 @@
 
 The C source ships with the package and is compiled with the system C compiler (``$CC``, else ``cc``) into
 a shared library cached under ``$VARLORA_CACHE_DIR`` (default ``~/.cache/varlora``), named by a hash of the
-source, the flags, the compiler and the machine, so a new version or another CPU gets its own build. The
+source, the flags, the compiler and the CPU it targets (``-march=native`` as the compiler resolves it), so a new
+version or another CPU gets its own build. The
 library is written to a temporary name and renamed into place, so concurrent first uses are safe. It needs
 no PyTorch headers (it sees plain float arrays), so it builds in well under a second.
 
@@ -17,6 +18,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -82,10 +84,15 @@ def _compile_and_load() -> ctypes.CDLL:
         raise KernelBuildError(f"no C compiler {compiler!r} on PATH (set $CC) to build the fused IVON kernels")
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+        # the driver's expansion of -march=native names this CPU and its features: a library built for
+        # another CPU (a home folder shared across machines) is never loaded here
+        driver = subprocess.run([compiler, *FLAGS, "-###", "-x", "c", "-c", os.devnull, "-o", os.devnull],
+                                capture_output=True, text=True, timeout=60).stderr
+        target = " ".join(re.findall(r"-m[\w=.,+-]+|-target-(?:cpu|feature)\S*\s+\S+", driver))  # no temp names
     except (OSError, subprocess.SubprocessError) as err:
         raise KernelBuildError(f"C compiler {compiler!r} does not run: {err}") from err
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
-                                     platform.machine().encode(), platform.processor().encode()])).hexdigest()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), target.encode(),
+                                     platform.machine().encode()])).hexdigest()
     folder = cache_dir()
     library = folder / f"ivon_kernels-{key[:16]}.so"
     if not library.exists():
