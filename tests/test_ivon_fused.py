@@ -188,3 +188,11 @@ def test_a_failing_compiler_is_reported_with_its_message(fresh_build, monkeypatc
 def test_invalid_fused_option_is_refused():
     with pytest.raises(ValueError, match="Invalid fused: 'yes'"):
         IVON(model32().parameters(), lr=0.1, ess=10.0, fused="yes")
+
+
+def test_an_unwritable_cache_is_reported_with_the_way_out(fresh_build, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("VARLORA_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(_cpu_kernels.KernelBuildError, match="set \\$VARLORA_CACHE_DIR to a writable folder"):
+        _cpu_kernels.load()

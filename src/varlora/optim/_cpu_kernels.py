@@ -96,22 +96,32 @@ def _compile_and_load() -> ctypes.CDLL:
     folder = cache_dir()
     library = folder / f"ivon_kernels-{key[:16]}.so"
     if not library.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as scratch:
-            src = Path(scratch) / "ivon_kernels.c"
-            src.write_bytes(source)
-            built = Path(scratch) / library.name
-            run = subprocess.run([compiler, *FLAGS, str(src), "-o", str(built), "-lm"],
-                                 capture_output=True, text=True, timeout=300)
-            if run.returncode != 0:
-                raise KernelBuildError(f"building the fused IVON kernels with {compiler!r} failed:\n{run.stderr}")
-            os.replace(built, library)  # atomic: a concurrent build of the same key writes the same bytes
+        try:
+            _compile(compiler, source, library)
+        except OSError as err:
+            raise KernelBuildError(f"cannot build the fused IVON kernels in {folder} ({err}); "
+                                   "set $VARLORA_CACHE_DIR to a writable folder") from err
     try:
         lib = ctypes.CDLL(str(library))
     except OSError as err:
         raise KernelBuildError(f"cannot load {library}: {err}") from err
     _declare(lib)
     return lib
+
+
+def _compile(compiler: str, source: bytes, library: Path) -> None:
+    """Compile ``source`` into ``library``, through a temporary file renamed into place."""
+    folder = library.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        src = Path(scratch) / "ivon_kernels.c"
+        src.write_bytes(source)
+        built = Path(scratch) / library.name
+        run = subprocess.run([compiler, *FLAGS, str(src), "-o", str(built), "-lm"],
+                             capture_output=True, text=True, timeout=300)
+        if run.returncode != 0:
+            raise KernelBuildError(f"building the fused IVON kernels with {compiler!r} failed:\n{run.stderr}")
+        os.replace(built, library)  # atomic: a concurrent build of the same key writes the same bytes
 
 
 def _declare(lib: ctypes.CDLL) -> None:
