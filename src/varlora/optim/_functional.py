@@ -2,7 +2,9 @@ r"""The math of IVON as pure functions on lists of tensors, apart from the optim
 
 Each function has a readable single-tensor path (one tensor at a time, the equations written out) and a
 ``torch._foreach_*`` path; both issue the same element-wise operations in the same order, and
-``tests/test_ivon.py`` checks that they agree bit for bit in float64. Every function works in place, takes the
+``tests/test_ivon.py`` checks that they agree bit for bit in float64. With ``fused``, fp32 CPU tensors go to the
+compiled one-pass kernels of :mod:`varlora.optim._cpu_kernels` instead (``tests/test_ivon_fused.py`` checks
+them against the torch paths). Every function works in place, takes the
 scalars of one parameter group and allocates no parameter-sized temporary on the foreach path (except for
 bf16/fp16 parameters when sampling); :class:`varlora.optim.IVON` buckets the tensors by group, device and dtype.
 
