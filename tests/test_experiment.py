@@ -152,3 +152,19 @@ def _try_claim(folder: str) -> bool:
 
     with _claim(Path(folder)) as claimed:
         return claimed
+
+
+def test_tau_curves_use_only_the_seeds_that_evaluated_every_tau(tmp_path):
+    def result(method: str, seed: int, acc: float) -> report.RunResult:
+        return report.RunResult(tmp_path, "arc_easy", "arc_easy", method, seed, 1.0,
+                                {"acc": acc, "nll": acc / 100, "ece": acc / 10})
+
+    results = [result("ivon@mean", 1, 60.0), result("ivon[tau=0.5]", 1, 61.0), result("ivon", 1, 62.0),
+               result("adamw", 1, 50.0), result("ivon@mean", 2, 70.0), result("ivon", 2, 80.0),
+               result("adamw", 2, 90.0)]
+    curves, baselines, seeds = report._tau_curves(results)
+    assert seeds == {1}  # seed 2 lacks τ = 0.5: averaging it into τ 0 and 1 only would bend the curve
+    assert [(row["tau"], row["acc"]) for row in curves["arc_easy"]] == [(0.0, 60.0), (0.5, 61.0), (1.0, 62.0)]
+    assert baselines["arc_easy"]["acc"] == 50.0
+    both = report._tau_curves([r for r in results if r.method != "ivon[tau=0.5]"])
+    assert both[2] == {1, 2} and both[0]["arc_easy"][0]["acc"] == 65.0 and both[1]["arc_easy"]["acc"] == 70.0

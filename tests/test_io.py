@@ -1,5 +1,7 @@
 """Atomic writes leave the old file intact when the writer fails; torn JSONL tails are dropped."""
 
+import os
+
 import pytest
 
 from varlora import _io
@@ -32,3 +34,15 @@ def test_read_jsonl_drops_a_torn_last_line_but_not_a_bad_middle_line(tmp_path):
     path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(ValueError, match="m.jsonl: line 2"):
         _io.read_jsonl(path)
+
+
+def test_written_files_and_folders_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        _io.write_text(tmp_path / "a.txt", "x")
+        with _io.atomic_dir(tmp_path / "final") as folder:
+            (folder / "f").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+    assert (tmp_path / "final").stat().st_mode & 0o777 == 0o755

@@ -62,7 +62,7 @@ def reliability_diagrams(
 
 
 def tau_tradeoff(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path,
-                 baselines: Mapping[str, Mapping[str, float]] | None = None) -> Path:
+                 baselines: Mapping[str, Mapping[str, float]] | None = None, title: str = "") -> Path:
     """Error (%) against NLL (top row) and against ECE (%) (bottom row) as τ goes 0 → 1, one column per task
     (Cong et al., Fig. 1).
 
@@ -88,6 +88,8 @@ def tau_tradeoff(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str 
         row[0].set_ylabel("error (%)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
+    if title:
+        fig.suptitle(title, fontsize=11, y=1.02)
     return _save(fig, path)
 
 

@@ -142,23 +142,10 @@ def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 1
         data = {m: (torch.cat(pooled[m][0]), torch.cat(pooled[m][1])) for m in STANDARD_METHODS if m in pooled}
         written.append(plots.reliability_diagrams(data, out / "reliability.png", n_bins=n_bins,
                                                   title="pooled over tasks and seeds (top-label confidence)"))
-    curves: dict[str, list[dict]] = {}
-    baselines: dict[str, dict] = {}
-    for task in sorted({r.train_task for r in in_domain}):
-        rows = [r for r in in_domain if r.train_task == task]
-        taus = defaultdict(list)
-        for r in rows:
-            tau = _tau_of(r.method)
-            if tau is not None:
-                taus[tau].append(r.metrics)
-        if len(taus) > 1:
-            curves[task] = [{"tau": t, **{m: sum(x[m] for x in v) / len(v) for m in ("acc", "nll", "ece")}}
-                            for t, v in sorted(taus.items())]
-        adamw = [r.metrics for r in rows if r.method == "adamw"]
-        if adamw:
-            baselines[task] = {m: sum(x[m] for x in adamw) / len(adamw) for m in ("acc", "nll", "ece")}
+    curves, baselines, curve_seeds = _tau_curves(in_domain)
     if curves:
-        written.append(plots.tau_tradeoff(curves, out / "tau_tradeoff.png", baselines))
+        title = f"seeds {sorted(curve_seeds)}: those that evaluated every τ (means over them)"
+        written.append(plots.tau_tradeoff(curves, out / "tau_tradeoff.png", baselines, title=title))
     time_curves = {}
     for r in in_domain:
         if r.method in ("adamw", "ivon@mean"):
@@ -169,6 +156,36 @@ def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 1
     if time_curves:
         written.append(plots.accuracy_vs_time(time_curves, out / "accuracy_vs_time.png"))
     return written
+
+
+def _tau_curves(results: Sequence[RunResult]) -> tuple[dict[str, list[dict]], dict[str, dict], set[int]]:
+    """Per task, IVON's metrics at each τ and AdamW's, averaged over the seeds that evaluated every τ of the
+    task (a τ evaluated by one seed only must not be compared with means over several), and those seeds."""
+    curves: dict[str, list[dict]] = {}
+    baselines: dict[str, dict] = {}
+    used: set[int] = set()
+    for task in sorted({r.train_task for r in results}):
+        rows = [r for r in results if r.train_task == task]
+        by_seed: dict[int, dict[float, dict]] = defaultdict(dict)
+        for r in rows:
+            tau = _tau_of(r.method)
+            if tau is not None:
+                by_seed[r.seed][tau] = r.metrics
+        all_taus = {tau for taus in by_seed.values() for tau in taus}
+        seeds = {seed for seed, taus in by_seed.items() if set(taus) == all_taus}
+        if len(all_taus) < 2:
+            continue
+        used |= seeds
+        curves[task] = [{"tau": t, **{m: _mean([by_seed[s][t][m] for s in seeds]) for m in ("acc", "nll", "ece")}}
+                        for t in sorted(all_taus)]
+        adamw = [r.metrics for r in rows if r.method == "adamw" and r.seed in seeds]
+        if adamw:
+            baselines[task] = {m: _mean([x[m] for x in adamw]) for m in ("acc", "nll", "ece")}
+    return curves, baselines, used
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _tau_of(method: str) -> float | None:
