@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -93,14 +94,17 @@ def tau_tradeoff(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str 
     return _save(fig, path)
 
 
-def accuracy_vs_time(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, title: str = "") -> Path:
+def accuracy_vs_time(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, title: str = "",
+                     styles: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """Validation accuracy against cumulative training wall-clock seconds (Cong et al., Fig. 2).
 
-    ``curves[label]`` is a list of periodic-evaluation rows with ``train_seconds`` and ``acc``.
+    ``curves[label]`` is a list of periodic-evaluation rows with ``train_seconds`` and ``acc``; ``styles[label]``
+    (optional) holds matplotlib line options, e.g. a colour per method and a line style per seed.
     """
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for label, rows in curves.items():
-        ax.plot([r["train_seconds"] for r in rows], [r["acc"] for r in rows], "-o", markersize=3, label=label)
+        style = {"marker": "o", "markersize": 3, **((styles or {}).get(label, {}))}
+        ax.plot([r["train_seconds"] for r in rows], [r["acc"] for r in rows], label=label, **style)
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)

@@ -146,15 +146,18 @@ def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 1
     if curves:
         title = f"seeds {sorted(curve_seeds)}: those that evaluated every τ (means over them)"
         written.append(plots.tau_tradeoff(curves, out / "tau_tradeoff.png", baselines, title=title))
-    time_curves = {}
-    for r in in_domain:
+    time_curves, styles = {}, {}
+    seeds = sorted({r.seed for r in in_domain})
+    for r in sorted(in_domain, key=lambda r: (r.train_task, r.method != "adamw", r.seed)):
         if r.method in ("adamw", "ivon@mean"):
             label = f"{r.train_task} {'AdamW' if r.method == 'adamw' else 'IVON@mean'} (seed {r.seed})"
             rows = _eval_rows(r.folder)
             if rows:
                 time_curves[label] = rows
+                styles[label] = {"color": "C3" if r.method == "adamw" else "C0",
+                                 "linestyle": ("-", "--", ":", "-.")[seeds.index(r.seed) % 4]}
     if time_curves:
-        written.append(plots.accuracy_vs_time(time_curves, out / "accuracy_vs_time.png"))
+        written.append(plots.accuracy_vs_time(time_curves, out / "accuracy_vs_time.png", styles=styles))
     return written
 
 
