@@ -18,12 +18,11 @@ PyTorch's parallel grain size). Use ``--threads`` to change it; the noise draw u
 
 Run: ``python benchmarks/optimizer_step.py [--repeats 15] [--threads 1] [--sizes 4.2M 40M]``
 
-Measured on the development machine (2 shared AMD EPYC cores, 1 thread, torch 2.13 CPU, 3 runs): 4.2M, AdamW
-8.4-8.8 ms, IVON 25.4-25.8 ms (2.94-3.02x), of which drawing the 4.2M normals alone takes 10.2-10.4 ms (1.2x an
-AdamW step: PyTorch's CPU Mersenne Twister, ~2.4 ns a value); 40M, AdamW 124-127 ms, IVON 230-233 ms
-(1.83-1.86x), noise 96-97 ms. Memory: IVON holds 4 floats per parameter (AdamW 2, plus 1 allocated each step),
-a peak 1.33x AdamW's. The 1.5x goal is out of reach on one core while the noise alone costs 0.8-1.2 AdamW steps;
-with free cores the draw is split over threads (8 fixed substreams).
+Measured on the development machine (2 AMD EPYC cores, idle, 1 thread, torch 2.13 CPU, 2 runs; output in
+``results/benchmarks/optimizer_step_cpu.txt``): 4.2M, AdamW 13.8-13.9 ms, IVON 9.7 ms (**0.70x**), IVON on the torch
+path (``fused=False``) 22.8-23.1 ms (1.64-1.67x); 40M, AdamW 112-114 ms, IVON 81-83 ms (0.71-0.74x), torch path
+211-212 ms (1.85-1.89x). The noise draw: 1.7 ms (fused generator) against 9.6 ms (``normal_``) at 4.2M. Memory:
+IVON holds 4 floats per parameter (AdamW 2, plus 1 allocated each step), a peak 1.33x AdamW's.
 """
 
 from __future__ import annotations
