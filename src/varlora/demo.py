@@ -23,7 +23,7 @@ def run_demo(out: Path, steps: int | None = None, log: Callable[[str], None] = p
     overrides: dict = {"model": {"name": str(model)}}
     if steps is not None:
         overrides["train"] = {"steps": steps}
-    log(f"varlora demo: {model.name} on ARC-Easy (cloze scoring), AdamW vs IVON, 2 CPU cores ≈ 10 min")
+    log(f"varlora demo: {model.name} on ARC-Easy (cloze scoring), AdamW vs IVON, 2 CPU cores ≈ 7 min")
     results = run_experiment("demo", out=str(out), results=str(out / "report"), overrides=overrides, log=log)
     log((results / "table.md").read_text())
     for png in sorted(results.glob("*.png")):
