@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -179,16 +180,12 @@ def _tau_curves(results: Sequence[RunResult]) -> tuple[dict[str, list[dict]], di
         if len(all_taus) < 2:
             continue
         used |= seeds
-        curves[task] = [{"tau": t, **{m: _mean([by_seed[s][t][m] for s in seeds]) for m in ("acc", "nll", "ece")}}
-                        for t in sorted(all_taus)]
+        curves[task] = [{"tau": t, **{m: statistics.fmean(by_seed[s][t][m] for s in seeds)
+                                      for m in ("acc", "nll", "ece")}} for t in sorted(all_taus)]
         adamw = [r.metrics for r in rows if r.method == "adamw" and r.seed in seeds]
         if adamw:
-            baselines[task] = {m: _mean([x[m] for x in adamw]) for m in ("acc", "nll", "ece")}
+            baselines[task] = {m: statistics.fmean(x[m] for x in adamw) for m in ("acc", "nll", "ece")}
     return curves, baselines, used
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _tau_of(method: str) -> float | None:

@@ -208,7 +208,7 @@ def _save_checkpoint(session, optimizer, scheduler, step: int, train_seconds: fl
         "params": {n: p.detach().cpu().clone() for n, p in session.params.items()},
         "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(),
+        "rng": ranks[0]["rng"],  # this rank's (rank 0's)
         **({"ranks": ranks} if distributed.active() else {}),
     }, session.paths.checkpoint)
 

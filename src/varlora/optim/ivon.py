@@ -227,11 +227,12 @@ class IVON(torch.optim.Optimizer):
         generator: the noise source; ``None`` for private, deterministically seeded generators.
         fused: run contiguous fp32 CPU parameters through compiled one-pass kernels
             (:mod:`~varlora.optim._cpu_kernels`, built on first use with the system C compiler) instead of
-            the ``torch`` paths: the same update to rounding, 3x faster, with noise from a vectorised
-            generator (other values, the same distribution). ``None``: when the kernels build (otherwise the
-            foreach path, with a warning); ``True``: raise :class:`~varlora.optim._cpu_kernels.KernelBuildError`
-            if they do not; ``False``: never. Other parameters (GPU, bf16, fp64) take the torch paths (the
-            fp32 noise of bf16/fp16 CPU parameters still comes from the fused generator).
+            the ``torch`` paths: the same update to rounding, ~2.4x faster (``benchmarks/optimizer_step.py``),
+            with noise from a vectorised generator (other values, the same distribution). ``None``: when the
+            kernels build (otherwise the foreach path, with a warning); ``True``: raise
+            :class:`~varlora.optim._cpu_kernels.KernelBuildError` if they do not; ``False``: never. Other
+            parameters (GPU, bf16, fp64) take the torch paths (the fp32 noise of bf16/fp16 CPU parameters still
+            comes from the fused generator).
 
     Beyond ``torch.optim``: :meth:`sampled_params` (training and evaluation samples), :meth:`posterior`,
     :meth:`posterior_mean` and :meth:`posterior_std` (the posterior, e.g. to save it or sample outside the
