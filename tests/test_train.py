@@ -30,7 +30,7 @@ def _write_data(folder: Path, n: int, seed: int) -> Path:
     for i in range(n):
         choices = [WORDS[j] for j in torch.randperm(len(WORDS), generator=gen)[:4].tolist()]
         answer = int(torch.randint(4, (1,), generator=gen))
-        rows.append({"id": f"q{i}", "question": f"Which colour is {choices[answer]}?", "choices": choices,
+        rows.append({"id": f"s{seed}q{i}", "question": f"Which colour is {choices[answer]}?", "choices": choices,
                      "answer": answer})
     path = folder / f"data{seed}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -249,9 +249,10 @@ def _upgrade_legacy(data: dict[str, Any], source: str) -> dict[str, Any]:
         return data
     if "method" in data:
         raise ConfigError(f"{source}: train.optimizer is replaced by method.name; give only method.name")
+    from varlora.methods import legacy_method_name
+
     train = dict(train)
-    optimizer = train.pop("optimizer")
-    name = "zero_shot" if train.get("steps") == 0 else optimizer
+    name = legacy_method_name(train.pop("optimizer"), train.get("steps"))
     return {**data, "train": train, "method": {"name": name}}
 
 

@@ -13,8 +13,18 @@
 from varlora.methods import adamw, ensemble, ivon, mc_dropout, temperature, zero_shot  # noqa: F401
 from varlora.methods.base import METHODS, Method, Prediction, StepResult, get_method, list_methods, register
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "Prediction", "StepResult", "get_method", "list_methods", "register",
-           "build_method"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "legacy_method_name",
+    "METHODS",
+    "Method",
+    "Prediction",
+    "StepResult",
+    "get_method",
+    "list_methods",
+    "register",
+    "build_method",
+]
 
 DEFAULT_METHOD = "ivon"
 
@@ -22,3 +32,9 @@ DEFAULT_METHOD = "ivon"
 def build_method(session) -> Method:
     """The method named by ``session.config.method.name``, bound to ``session``."""
     return get_method(session.config.method.name)(session)
+
+
+def legacy_method_name(optimizer: str, steps: int | None) -> str:
+    """The method of a config written before methods existed (``train.optimizer``): the optimizer's method, or
+    ``zero_shot`` for ``train.steps: 0`` (that was how the untrained model was spelled)."""
+    return "zero_shot" if steps == 0 else optimizer
