@@ -84,7 +84,7 @@ class FlipoutLoRA(nn.Module):
 
     Attributes:
         names: the LoRA layers' module names, sorted.
-        mode: ``"sample"`` (add noise) or ``"mean"`` (add nothing).
+        mode: ``"sample"`` (add noise) or ``"mean"`` (add nothing, the default; :meth:`using` switches).
         generator: where the noise comes from (``None``: the global RNG).
     """
 
@@ -92,7 +92,7 @@ class FlipoutLoRA(nn.Module):
         super().__init__()
         modules = lora_a_modules(model, adapter)
         self.names: list[str] = list(modules)
-        self.mode: Mode = "sample"
+        self.mode: Mode = "mean"
         self.generator: torch.Generator | None = None
         self._handles = [
             module.register_forward_hook(self._hook(name)) for name, module in modules.items()
