@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from test_blob_method import assets, run_config, started  # noqa: F401  (assets is a fixture)
 
+from test_blob_method import assets, run_config, started  # noqa: F401  (assets is a fixture)
 from varlora.config import ConfigError
 from varlora.methods import build_method
 from varlora.methods._flipout import lora_a_modules
