@@ -137,8 +137,7 @@ def test_training_moves_rho_and_logs_the_kl(assets, tmp_path):
     before = {n: p.detach().clone() for n, p in method.posterior.named_rho().items()}
     result = method.train_step(0)
     assert {"lr", "kl", "kl_weight", "sigma_mean", "sigma_max"} <= set(result.stats)
-    torch.testing.assert_close(torch.tensor(result.stats["kl"], dtype=torch.float64),
-                               method.posterior.kl(0.2).detach() * 0 + result.stats["kl"])
+    assert 0 < result.stats["kl"] < float("inf") and result.stats["kl_weight"] == 1 / 4
     assert any(not torch.equal(before[n], p) for n, p in method.posterior.named_rho().items())
     # ρ is not a model parameter: the peft adapter keys are the plain LoRA A/B
     assert all("rho" not in key for key in session.model.state_dict())
