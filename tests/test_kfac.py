@@ -4,6 +4,7 @@ laplace-torch. Everything runs in float64, so agreements are to rounding (~1e-12
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -192,7 +193,6 @@ def test_mc_matches_quadrature_for_two_classes(f64):
     probs, samples = glm_probs(mean, var, "mc", 20_000, torch.Generator().manual_seed(0))
     assert samples.shape == (20_000, 1, 2)
     mu, v = 1.2, 1.5 + 0.9 - 2 * 0.3
-    nodes, weights = torch.tensor(0.0), None
     import numpy as np
 
     nodes, weights = np.polynomial.hermite.hermgauss(80)
@@ -208,7 +208,10 @@ def test_matches_laplace_torch_kron_glm(f64):
     likelihood and same probit GLM predictive (1e-10: both are float64 computations of the same formulas,
     differing in summation order), and the same optimal prior precision (laplace-torch's Adam, 1000 steps,
     reaches it to ~1e-6 relative; our δ never has a lower marginal likelihood)."""
-    laplace = pytest.importorskip("laplace")
+    if os.environ.get("CI"):  # .ci/run installs it: there a missing reference is a failure, not a skip
+        import laplace
+    else:
+        laplace = pytest.importorskip("laplace")
     from laplace.curvature import CurvlinopsGGN
     from torch.utils.data import DataLoader, TensorDataset
 
