@@ -1,7 +1,7 @@
 """Training-step time and peak memory of IVON against AdamW on a real model, measured side by side.
 
 Default: the shared SmolLM2-135M-Instruct, LoRA r 8 on q_proj, v_proj, batches of 4 ARC-Easy training
-questions (cloze scoring), the exact step varlora's trainer runs (``varlora.train.train_step``). Two
+questions (cloze scoring), the exact step varlora's trainer runs (``Method.train_step``). Two
 copies of the model, one per optimizer, take turns on the same batches (interleaved, so machine noise hits
 both alike); the ratio of median step times is printed. Peak memory is measured in one fresh subprocess
 per optimizer (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), plus the bytes of optimizer
@@ -24,7 +24,8 @@ import time
 import torch
 
 from varlora.config import RunConfig
-from varlora.train import Session, build_optimizer, setup, train_step
+from varlora.methods import build_method
+from varlora.session import setup
 
 DEFAULT_MODEL = "../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -35,13 +36,10 @@ def _config(args: argparse.Namespace, optimizer: str) -> RunConfig:
         "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
         "data": {"task": args.task, "scoring": args.scoring, "train_limit": 4 * (args.steps + args.warmup),
                  "eval_limit": 1, "max_length": 256},
-        "train": {"optimizer": optimizer, "steps": args.steps + args.warmup, "batch_size": 4, "seed": 21},
+        "method": {"name": optimizer},
+        "train": {"steps": args.steps + args.warmup, "batch_size": 4, "seed": 21},
         "ivon": {"lr": 0.03, "ess": 1e6, "hess_init": 0.1, "beta2": 0.99, "clip_radius": 1e-2},
     })
-
-
-def _batches(session: Session, n: int) -> list[list]:
-    return [session.train_examples[4 * i : 4 * i + 4] for i in range(n)]
 
 
 def _sync() -> None:
@@ -55,35 +53,36 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def time_side_by_side(args: argparse.Namespace) -> dict:
-    sessions, optimizers = {}, {}
+    methods = {}
     for name in ("adamw", "ivon"):
-        sessions[name] = setup(_config(args, name), tempfile.mkdtemp())
-        sessions[name].model.train()
-        optimizers[name] = build_optimizer(sessions[name].config, list(sessions[name].params.values()))
-    batches = _batches(sessions["adamw"], args.steps + args.warmup)
+        session = setup(_config(args, name), tempfile.mkdtemp())
+        session.model.train()
+        methods[name] = build_method(session)
+        methods[name].setup()
     times: dict[str, list[float]] = {"adamw": [], "ivon": []}
-    for index, batch in enumerate(batches):
-        order = ("adamw", "ivon") if index % 2 == 0 else ("ivon", "adamw")
+    for step in range(args.steps + args.warmup):  # the same batches for both: session.batch(step)
+        order = ("adamw", "ivon") if step % 2 == 0 else ("ivon", "adamw")
         for name in order:
             _sync()
             started = time.perf_counter()
-            train_step(sessions[name], optimizers[name], batch)
+            methods[name].train_step(step)
             _sync()
-            if index >= args.warmup:
+            if step >= args.warmup:
                 times[name].append(time.perf_counter() - started)
-    return {name: {"median_s": statistics.median(t), "min_s": min(t), "state_bytes": _state_bytes(optimizers[name])}
-            for name, t in times.items()}
+    return {name: {"median_s": statistics.median(t), "min_s": min(t),
+                   "state_bytes": _state_bytes(methods[name].optimizer)} for name, t in times.items()}
 
 
 def peak_memory(args: argparse.Namespace, optimizer: str) -> dict:
     """Run in a fresh process: setup + steps of one optimizer; report peak memory."""
     session = setup(_config(args, optimizer), tempfile.mkdtemp())
     session.model.train()
-    opt = build_optimizer(session.config, list(session.params.values()))
+    method = build_method(session)
+    method.setup()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    for batch in _batches(session, args.warmup + 2):
-        train_step(session, opt, batch)
+    for step in range(args.warmup + 2):
+        method.train_step(step)
     if torch.cuda.is_available():
         return {"peak_bytes": torch.cuda.max_memory_allocated(), "kind": "cuda max_memory_allocated"}
     return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "kind": "peak RSS"}

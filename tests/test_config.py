@@ -8,15 +8,27 @@ from varlora.config import ConfigError, RunConfig
 
 
 def test_round_trip_through_json(tmp_path):
-    config = RunConfig.from_dict({"ivon": {"ess": "1e7"}, "train": {"steps": 7, "optimizer": "adamw"},
-                                  "eval": {"taus": [0, 0.5, 1]}})
+    config = RunConfig.from_dict({"ivon": {"ess": "1e7"}, "train": {"steps": 7}, "method": {"name": "adamw"},
+                                  "eval": {"taus": [0, 0.5, 1]}, "ensemble": {"members": 4}})
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config.to_dict()))
     loaded = RunConfig.load(path)
     assert loaded == config
     assert loaded.ivon.ess == 1e7 and isinstance(loaded.ivon.ess, float)
     assert loaded.eval.taus == [0.0, 0.5, 1.0]
-    assert loaded.optimizer_args is loaded.adamw
+    assert loaded.method_args("ensemble").members == 4 and loaded.method.name == "adamw"
+    # only the sections the method reads make up the run's identity
+    assert set(loaded.effective()) == {"model", "lora", "method", "data", "train", "eval", "adamw"}
+    assert set(RunConfig.from_dict({"method": {"name": "ensemble"}}).effective()) >= {"adamw", "ensemble"}
+
+
+def test_a_config_written_with_train_optimizer_is_still_read():
+    """config.json files from before methods existed: train.optimizer becomes method.name; steps 0 zero-shot."""
+    legacy = RunConfig.from_dict({"train": {"optimizer": "adamw", "steps": 5}})
+    assert legacy.method.name == "adamw" and legacy.train.steps == 5
+    assert RunConfig.from_dict({"train": {"optimizer": "ivon", "steps": 0}}).method.name == "zero_shot"
+    with pytest.raises(ConfigError, match="train.optimizer is replaced by method.name"):
+        RunConfig.from_dict({"train": {"optimizer": "ivon"}, "method": {"name": "ivon"}})
 
 
 @pytest.mark.parametrize(
@@ -34,6 +46,9 @@ def test_round_trip_through_json(tmp_path):
         ({"lora": {"dropout": 1.0}}, "lora.dropout=1.0"),
         ({"eval": {"taus": [0.0, 1.5]}}, "eval.taus=[0.0, 1.5]"),
         ({"trian": {}}, "unknown section(s) ['trian']"),
+        ({"method": {"name": "sgld"}}, "method.name='sgld': must be one of"),
+        ({"ensemble": {"members": 1}}, "ensemble.members=1"),
+        ({"temperature": {"holdout": 0}}, "temperature.holdout=0"),
         ({"train": {"stpes": 3}}, "unknown field(s) ['stpes'] in section 'train'"),
         ({"train": 3}, "section 'train' must be a mapping"),
     ],

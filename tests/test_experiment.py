@@ -24,9 +24,12 @@ def test_the_expected_presets_are_shipped():
 def test_every_shipped_preset_expands_to_valid_configs(name):
     preset = load_preset(name)
     runs = run_configs(preset)
-    trained = [v for v in preset.variants if (preset.variants[v].get("train") or {}).get("steps") != 0]
-    once = len(preset.variants) - len(trained)  # zero-shot variants run at the first seed only
-    assert len(runs) == len(preset.tasks) * (len(preset.seeds) * len(trained) + once)
+    from varlora.methods import get_method
+
+    once = [v for v in preset.variants if get_method(run_configs(preset, variants=[v])[0][3].method.name)
+            .seed_independent]  # zero-shot variants run at the first seed only
+    trained = len(preset.variants) - len(once)
+    assert len(runs) == len(preset.tasks) * (len(preset.seeds) * trained + len(once))
     assert [seed for _, _, seed, _ in runs] == sorted(seed for _, _, seed, _ in runs)  # seed-major
     for task, _variant, seed, config in runs:
         assert config.data.task == task and config.train.seed == seed
@@ -39,14 +42,14 @@ def test_paper_preset_matches_the_published_hyperparameters():
     assert ivon.ivon.beta2 == 0.99999 and ivon.ivon.rescale_lr is False and ivon.ivon.weight_decay == 0.0
     assert runs[("arc_easy", "ivon")].ivon.ess == 1e6
     adamw = runs[("obqa", "adamw")]
-    assert adamw.train.optimizer == "adamw" and adamw.adamw.lr == 5e-5
+    assert adamw.method.name == "adamw" and adamw.adamw.lr == 5e-5
     assert adamw.train.steps == 10_000 and adamw.train.batch_size == 4 and adamw.data.scoring == "letter"
     assert adamw.model.name == "meta-llama/Llama-2-7b-hf"
 
 
 def test_seed_overrides_apply_to_their_seed_only(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text("description: x\nbase: {eval: {taus: [0.0, 1.0]}}\nvariants: {ivon: {train: {optimizer: ivon}}}\n"
+    path.write_text("description: x\nbase: {eval: {taus: [0.0, 1.0]}}\nvariants: {ivon: {method: {name: ivon}}}\n"
                     "tasks: {arc_easy: null, obqa: {train: {steps: 3}}}\nseeds: [1, 2]\n"
                     "seed_overrides: {1: {eval: {taus: [0.0, 0.5, 1.0]}}}\n")
     runs = {(t, s): c for t, _, s, c in run_configs(load_preset(str(path)))}
@@ -55,10 +58,10 @@ def test_seed_overrides_apply_to_their_seed_only(tmp_path):
     assert runs[("obqa", 2)].train.steps == 3 and runs[("arc_easy", 2)].train.steps == 200
 
 
-def test_a_zero_step_variant_runs_once_at_the_first_seed(tmp_path):
+def test_a_zero_shot_variant_runs_once_at_the_first_seed(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text("description: x\nbase: {}\nvariants: {ivon: {train: {optimizer: ivon}}, zs: {train: {steps: 0}}}\n"
-                    "tasks: {arc_easy: null}\nseeds: [5, 3]\n")
+    path.write_text("description: x\nbase: {}\nvariants: {ivon: {method: {name: ivon}}, "
+                    "zs: {method: {name: zero_shot}}}\ntasks: {arc_easy: null}\nseeds: [5, 3]\n")
     preset = load_preset(str(path))
     assert [(v, s) for _, v, s, _ in run_configs(preset)] == [("ivon", 5), ("zs", 5), ("ivon", 3)]
     assert [(v, s) for _, v, s, _ in run_configs(preset, seeds=[3])] == [("ivon", 3)]
@@ -84,15 +87,23 @@ def test_bad_presets_are_refused(tmp_path):
         load_preset(str(path))
 
 
-def _fake_run(root, task, variant, seed, metrics_by_method, seconds=10.0):
+def _fake_run(root, task, variant, seed, metrics_by_label, seconds=10.0, method=None):
     """A finished run folder as train_run leaves it: summary.json and the evaluation probabilities."""
+    method = method or variant
     folder = root / task / variant / f"seed{seed}"
     (folder / "eval").mkdir(parents=True)
     probs = torch.softmax(torch.randn(20, 4, generator=torch.Generator().manual_seed(seed)), dim=-1)
-    save_file({"labels": torch.arange(20) % 4} | {f"probs/{m}": probs.clone() for m in metrics_by_method},
+    save_file({"labels": torch.arange(20) % 4} | {f"probs/{m}": probs.clone() for m in metrics_by_label},
               str(folder / "eval" / f"{task}.probs.safetensors"))
+    rows = [{"label": label, "method": method, "tau": {"ivon@mean": 0.0, "ivon": 1.0}.get(label), "n_samples": 1,
+             "forward_passes": 1} for label in metrics_by_label]
+    cost = {"train_seconds": seconds, "fit_seconds": 0.0, "eval_seconds": {task: 2.0}, "peak_train_bytes": 2**30,
+            "peak_eval_bytes": 2**29, "extra_param_bytes": 0, "optimizer_state_bytes": 2**20,
+            "memory_kind": "rss_peak", "trained_in": "this run"}
     (folder / "summary.json").write_text(json.dumps({
-        "task": task, "seed": seed, "train_seconds": seconds, "results": {task: metrics_by_method}}))
+        "task": task, "seed": seed, "method": method, "train_seconds": seconds,
+        "results": {task: {k: v | {"n": 20} for k, v in metrics_by_label.items()}}, "rows": {task: rows},
+        "cost": cost}))
     return folder
 
 
@@ -122,11 +133,25 @@ def test_write_report_labels_tuning_variants(tmp_path):
     preset = load_preset("tune-cpu")
     task = next(iter(preset.tasks))
     variant = next(v for v in preset.variants if v.startswith("ivon-"))
-    _fake_run(tmp_path / "runs", task, variant, preset.seeds[0], {"ivon@mean": _m(40.0), "ivon": _m(41.0)})
+    _fake_run(tmp_path / "runs", task, variant, preset.seeds[0], {"ivon@mean": _m(40.0), "ivon": _m(41.0)},
+              method="ivon")
+    _fake_run(tmp_path / "runs", task, "adamw-lr1e-3", preset.seeds[0], {"adamw": _m(30.0)}, seconds=5.0,
+              method="adamw")
     write_report(preset, tmp_path / "runs", tmp_path / "results", run_configs(preset)[0][3])
     text = (tmp_path / "results" / "table.md").read_text()
     assert f"| {variant} ivon@mean | 40.0 |" in text and "Scoring protocol: **cloze**" in text
-    assert not (tmp_path / "results" / "reliability.png").exists()  # only adamw / ivon@mean / ivon are pooled
+    assert "| adamw-lr1e-3 adamw | 30.0 |" in text and f"{task} 20" in text  # evaluation size stated
+    # the cost table: IVON's training time as a multiple of the MAP run's, on the same task and seed
+    assert f"| {variant} ivon | 10 | 2.00 | 0.0 | 2.0 | 1 | 1024 | 512 | 0.00 | 1.00 |" in text
+    assert "rank ACC %" in text and (tmp_path / "results" / "reliability.png").exists()
+
+
+def test_rank_table_orders_and_shares_ties():
+    cell = {"acc": (0, 0, 1), "ece": (0, 0, 1)}
+    table = {"a": {"t1": cell | {"acc": (60.0, 0, 1)}, "t2": cell | {"acc": (50.0, 0, 1)}},
+             "b": {"t1": cell | {"acc": (70.0, 0, 1)}, "t2": cell | {"acc": (50.0, 0, 1)}}}
+    text = report.rank_table(table, ["t1", "t2"], ("acc", "ece"))
+    assert "| a | 1.75 | 1.50 | 2 |" in text and "| b | 1.25 | 1.50 | 2 |" in text
 
 
 
@@ -155,9 +180,12 @@ def _try_claim(folder: str) -> bool:
 
 
 def test_tau_curves_use_only_the_seeds_that_evaluated_every_tau(tmp_path):
-    def result(method: str, seed: int, acc: float) -> report.RunResult:
-        return report.RunResult(tmp_path, "arc_easy", "arc_easy", method, seed, 1.0,
-                                {"acc": acc, "nll": acc / 100, "ece": acc / 10})
+    def result(label: str, seed: int, acc: float) -> report.RunResult:
+        method = "adamw" if label == "adamw" else "ivon"
+        tau = {"ivon@mean": 0.0, "ivon[tau=0.5]": 0.5, "ivon": 1.0}.get(label)
+        return report.RunResult(tmp_path, "arc_easy", "arc_easy", label, seed, 1.0,
+                                {"acc": acc, "nll": acc / 100, "ece": acc / 10}, method=method, tau=tau,
+                                row=label, variant=method)
 
     results = [result("ivon@mean", 1, 60.0), result("ivon[tau=0.5]", 1, 61.0), result("ivon", 1, 62.0),
                result("adamw", 1, 50.0), result("ivon@mean", 2, 70.0), result("ivon", 2, 80.0),
@@ -166,5 +194,5 @@ def test_tau_curves_use_only_the_seeds_that_evaluated_every_tau(tmp_path):
     assert seeds == {1}  # seed 2 lacks τ = 0.5: averaging it into τ 0 and 1 only would bend the curve
     assert [(row["tau"], row["acc"]) for row in curves["arc_easy"]] == [(0.0, 60.0), (0.5, 61.0), (1.0, 62.0)]
     assert baselines["arc_easy"]["acc"] == 50.0
-    both = report._tau_curves([r for r in results if r.method != "ivon[tau=0.5]"])
+    both = report._tau_curves([r for r in results if r.label != "ivon[tau=0.5]"])
     assert both[2] == {1, 2} and both[0]["arc_easy"][0]["acc"] == 65.0 and both[1]["arc_easy"]["acc"] == 70.0

@@ -14,7 +14,7 @@ def test_real_model_trains_saves_and_reevaluates_exactly(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--run-dir", str(run), "--model.name", str(SHARED_MODEL), "--data.data_dir", str(SHARED_DATA),
             "--data.task", "arc_easy", "--data.scoring", "cloze", "--data.train_limit", "8", "--data.eval_limit", "12",
-            "--train.optimizer", "ivon", "--train.steps", "2", "--train.batch_size", "4",
+            "--method.name", "ivon", "--train.steps", "2", "--train.batch_size", "4",
             "--ivon.lr", "0.03", "--ivon.ess", "1e6", "--ivon.hess_init", "0.1", "--ivon.beta2", "0.99",
             "--ivon.clip_radius", "0.01", "--eval.n_samples", "2", "--eval.batch_size", "12"]
     assert main(args) == 0

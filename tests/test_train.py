@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from conftest import tiny_llama, tiny_tokenizer
 from varlora.cli import main
 from varlora.config import ConfigError, RunConfig
-from varlora.train import RunPaths, batch_indices, linear_schedule, task_file_stem, train_run
+from varlora.schedule import batch_indices, linear_schedule
+from varlora.train import RunPaths, task_file_stem, train_run
 
 WORDS = ["red", "blue", "green", "gold", "gray", "pink", "black", "white"]
 
@@ -49,12 +50,13 @@ def assets(tmp_path_factory):
     return build_assets(tmp_path_factory.mktemp("assets"))
 
 
-def _config(assets, optimizer: str, **train) -> RunConfig:
+def _config(assets, method: str, **train) -> RunConfig:
     return RunConfig.from_dict({
         "model": {"name": assets["model"]},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "method": {"name": method},
         "data": {"task": assets["task"], "scoring": "cloze", "max_length": 64},
-        "train": {"optimizer": optimizer, "steps": 6, "batch_size": 4, "grad_accum": 2, "save_every": 2,
+        "train": {"steps": 6, "batch_size": 4, "grad_accum": 2, "save_every": 2,
                   "eval_every": 3, "max_grad_norm": 1.0, "seed": 3} | train,
         "ivon": {"lr": 0.1, "ess": 1e4, "hess_init": 0.1, "beta2": 0.99, "clip_radius": 1.0, "mc_samples": 2},
         "adamw": {"lr": 1e-2},
@@ -103,31 +105,32 @@ def test_train_evaluate_and_reload_reproduce_metrics(assets, tmp_path, optimizer
     capsys.readouterr()
     assert main(["eval", str(run)]) == 0
     assert "reproduces the metrics saved by training" in capsys.readouterr().out
-    assert json.loads(RunPaths(run).eval_json(summary["task"]).read_text())["methods"] == saved["methods"]
+    assert json.loads(RunPaths(run).eval_json(summary["task"]).read_text())["predictions"] == saved["predictions"]
     # out of distribution: the same posterior evaluated on another task's data
     other = f"jsonl:validation={_write_data(run, 10, seed=5)}"
     assert main(["eval", str(run), "--task", other]) == 0
     ood = json.loads(RunPaths(run).eval_json(other).read_text())
     assert ood["task"] == other and ood["train_task"] == summary["task"] and ood["n_examples"] == 10
-    assert set(ood["methods"]) == set(methods)
+    assert {row["label"] for row in ood["predictions"]} == set(methods)
     # a finished run is not trained again
     assert train_run(_config(assets, optimizer), run, log=lambda _: None)["results"] == summary["results"]
 
 
-def test_zero_steps_evaluates_the_base_model_as_zero_shot(assets, tmp_path):
-    from varlora.evaluate import predict_probs
+def test_zero_shot_evaluates_the_base_model(assets, tmp_path):
+    from varlora.evaluate import predict_logits
     from varlora.train import setup
 
-    config = _config(assets, "ivon", steps=0, eval_every=0)
+    config = _config(assets, "zero_shot", eval_every=0)
     summary = train_run(config, tmp_path / "zs", log=lambda _: None)
     assert list(summary["results"][summary["task"]]) == ["zero-shot"] and summary["train_seconds"] == 0.0
     assert not (tmp_path / "zs" / "final" / "posterior.safetensors").exists()
-    # a zero-shot run never steps: neither optimizer's section can make it a different run
+    # a zero-shot run never steps: no optimizer's section can make it a different run
     retuned = RunConfig.from_dict(config.to_dict() | {"adamw": {"lr": 0.5}, "ivon": {"ess": 7.0}})
     assert train_run(retuned, tmp_path / "zs", log=lambda _: None) == summary
     session = setup(config, tmp_path / "other")  # LoRA B = 0: the adapter adds nothing to the base model
     with session.model.disable_adapter():
-        base = predict_probs(session.model, session.scorer, session.val_examples, config.eval.batch_size)
+        base = torch.softmax(predict_logits(session.model.eval(), session.scorer, session.val_examples,
+                                            config.eval.batch_size), -1)
     saved = load_file(str(RunPaths(tmp_path / "zs").eval_probs(summary["task"])))["probs/zero-shot"]
     torch.testing.assert_close(saved, base, rtol=0, atol=1e-12)
 
@@ -147,7 +150,7 @@ def test_a_different_config_in_the_same_folder_is_refused(assets, tmp_path):
 def _train_command(assets, run: Path, steps: int) -> list[str]:
     return [sys.executable, "-m", "varlora.cli", "train", "--run-dir", str(run), "--model.name", assets["model"],
             "--data.task", assets["task"], "--data.max_length", "64", "--lora.r", "4",
-            "--train.optimizer", "ivon", "--train.steps", str(steps), "--train.save_every", "7",
+            "--method.name", "ivon", "--train.steps", str(steps), "--train.save_every", "7",
             "--train.eval_every", "0", "--ivon.lr", "0.1", "--ivon.ess", "1e4", "--ivon.hess_init", "0.1",
             "--ivon.clip_radius", "1.0", "--ivon.beta2", "0.99", "--eval.n_samples", "2"]
 

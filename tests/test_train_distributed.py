@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -29,12 +30,13 @@ def assets(tmp_path_factory):
     return build_assets(tmp_path_factory.mktemp("assets"), n_train=32, n_val=15)
 
 
-def _config(assets, optimizer: str, **train) -> dict:
+def _config(assets, method: str, **train) -> dict:
     return {
         "model": {"name": assets["model"]},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "method": {"name": method},
         "data": {"task": assets["task"], "scoring": "cloze", "max_length": 64},
-        "train": {"optimizer": optimizer, "steps": 4, "batch_size": 4, "save_every": 2, "eval_every": 0,
+        "train": {"steps": 4, "batch_size": 4, "save_every": 2, "eval_every": 0,
                   "max_grad_norm": 1.0, "seed": 5} | train,
         "ivon": {"lr": 0.1, "ess": 1e4, "hess_init": 0.1, "beta2": 0.99, "clip_radius": 1.0},
         "adamw": {"lr": 1e-2},
@@ -53,15 +55,15 @@ def _worker(rank: int, port: int, jobs: list[tuple[dict, str, int | None]]) -> N
     distributed.init()
     import varlora.train as train_module
 
-    save = train_module._save_checkpoint
+    save = train_module.save_checkpoint
     try:
         for config, folder, stop_at in jobs:
-            def save_then_stop(session, optimizer, scheduler, step, seconds, stop_at=stop_at):
-                save(session, optimizer, scheduler, step, seconds)
+            def save_then_stop(session, method, step, seconds, stop_at=stop_at):
+                save(session, method, step, seconds)
                 if step == stop_at:
                     raise _Stop
 
-            train_module._save_checkpoint = save_then_stop
+            train_module.save_checkpoint = save_then_stop
             try:
                 train_run(RunConfig.from_dict(config), folder, log=lambda _: None)
             except _Stop:
@@ -112,15 +114,21 @@ def test_ivon_on_two_processes_resumes_exactly_and_refuses_another_world_size(as
     posterior = [load_file(str(Path(f) / "final" / "posterior.safetensors")) for f in (whole, cut)]
     assert all(torch.equal(posterior[0][k], posterior[1][k]) for k in posterior[0])
     checkpoint = torch.load(Path(cut) / "checkpoint.pt", weights_only=False)
-    generators = [r["ivon"]["generators"]["cpu"] for r in checkpoint["ranks"]]
+    generators = [r["method"]["ivon"]["generators"]["cpu"] for r in checkpoint["ranks"]]
     assert len(generators) == WORLD and not torch.equal(*generators)  # each rank its own noise
     # the single-process IVON run differs: two ranks are two MC samples
     single = train_run(RunConfig.from_dict(config), tmp_path / "one", log=lambda _: None)
     assert single["results"] != json.loads((Path(whole) / "summary.json").read_text())["results"]
     # a checkpoint of 2 processes cannot be resumed by 1
     (Path(cut) / "summary.json").unlink()
+    shutil.rmtree(Path(cut) / "final")  # back to "training not finished"
     with pytest.raises(ConfigError, match="written by 2 process"):
         train_run(RunConfig.from_dict(config), cut, log=lambda _: None)
+
+
+def test_a_single_process_method_refuses_torchrun(assets, tmp_path):
+    with pytest.raises(mp.ProcessRaisedException, match="'ensemble' runs in one process only"):
+        _spawn([(_config(assets, "ensemble"), str(tmp_path / "ens"), None)])
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused(assets, tmp_path):

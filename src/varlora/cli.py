@@ -1,7 +1,8 @@
-"""The ``varlora`` command line: train, eval, demo, experiment, tasks.
+"""The ``varlora`` command line: train, eval, demo, experiment, tasks, methods.
 
 Options of ``train`` are generated from the config dataclasses (``--<group>.<field>``, help from the
-field's metadata), and a recipe file (YAML or JSON, the layout of ``config.json``) can set them first:
+field's metadata; every registered method's section is a group, e.g. ``--ivon.lr``, ``--ensemble.members``),
+and a recipe file (YAML or JSON, the layout of ``config.json``) can set them first:
 ``varlora train --config recipes/arc_easy_ivon.yaml --train.steps 50 --run-dir runs/x``.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from varlora.config import CONFIG_GROUPS, ConfigError, RunConfig
+from varlora.config import ConfigError, RunConfig, all_groups
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -56,14 +57,18 @@ def _argument_spec(annotation: Any) -> dict[str, Any]:
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    for group_name, group_cls in CONFIG_GROUPS.items():
+    for group_name, group_cls in all_groups().items():
         group = parser.add_argument_group(group_name, group_cls.__doc__)
         hints = typing.get_type_hints(group_cls)
         for f in fields(group_cls):
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            spec = _argument_spec(hints[f.name])
+            if (group_name, f.name) == ("method", "name"):
+                from varlora.methods import list_methods
+
+                spec["choices"] = list_methods()
             group.add_argument(f"--{group_name}.{f.name}", dest=f"{group_name}.{f.name}", default=None,
-                               help=f"{f.metadata.get('help', '')} (default: {default})",
-                               **_argument_spec(hints[f.name]))
+                               help=f"{f.metadata.get('help', '')} (default: {default})", **spec)
 
 
 def _read_recipe(path: str) -> dict[str, Any]:
@@ -102,16 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="varlora", description="Variational LoRA fine-tuning with IVON.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="fine-tune LoRA with AdamW or IVON, then evaluate (resumable)")
+    train = sub.add_parser("train", help="fine-tune LoRA with a method (--method.name), then evaluate (resumable)")
     train.add_argument("--run-dir", required=True, help="run folder; rerunning the same command resumes it")
     train.add_argument("--config", help="recipe file (YAML or JSON) with the sections of config.json")
+    train.add_argument("--reuse", help="post-hoc methods (mc_dropout, temperature, laplace, tfb): a finished run "
+                                       "folder of the method they start from (adamw) with the same config, whose "
+                                       "adapter to take instead of training again")
     _add_config_options(train)
 
-    evaluate = sub.add_parser("eval", help="reload a finished run's posterior and evaluate it")
+    evaluate = sub.add_parser("eval", help="reload a finished run (adapter, posterior, ...) and evaluate it")
     evaluate.add_argument("run_dir", help="a run folder written by `varlora train`")
     evaluate.add_argument("--task", action="append", help="task to evaluate on (repeatable; default: the run's)")
     evaluate.add_argument("--taus", type=float, nargs="+", help="variance scales (default: the run's)")
-    evaluate.add_argument("--n-samples", type=int, help="posterior samples (default: the run's)")
+    evaluate.add_argument("--n-samples", type=int, help="samples of a sampled method (default: the run's)")
     evaluate.add_argument("--n-bins", type=int, help="ECE bins (default: the run's)")
 
     demo = sub.add_parser("demo", help="offline demo: SmolLM2-135M on ARC-Easy, AdamW vs IVON, table and plots")
@@ -128,19 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--report-only", action="store_true", help="only rebuild tables and plots")
 
     sub.add_parser("tasks", help="list the registered tasks")
+    sub.add_parser("methods", help="list the registered uncertainty methods")
     return parser
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from varlora.train import train_run
 
-    train_run(config_from_args(args), args.run_dir)
+    train_run(config_from_args(args), args.run_dir, reuse=args.reuse)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from varlora.train import RunPaths, evaluate_run, load_final, setup
+    from varlora.run_paths import RunPaths
+    from varlora.train import evaluate_run, load_run
 
     paths = RunPaths(Path(args.run_dir))
     if not paths.config.exists():
@@ -149,15 +159,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in (("taus", args.taus), ("n_samples", args.n_samples), ("n_bins", args.n_bins))
                  if v is not None}
     config.eval = replace(config.eval, **overrides)
-    session = setup(config, paths.root, need_train=False)
-    posterior = load_final(session)
-    saved = {t: json.loads(paths.eval_json(t).read_text()) for t in (args.task or [config.data.task])
-             if paths.eval_json(t).exists()}
-    for task_name in args.task or [config.data.task]:
-        predictions = evaluate_run(session, posterior, task_name)
+    session, method = load_run(paths.root, config)
+    tasks = args.task or [config.data.task]
+    saved = {t: json.loads(paths.eval_json(t).read_text()) for t in tasks if paths.eval_json(t).exists()}
+    for task_name in tasks:
+        predictions, _ = evaluate_run(session, method, task_name)
         if task_name in saved and not overrides:
-            same = all(saved[task_name]["methods"].get(p.method, {}).get(k) == v
-                       for p in predictions for k, v in p.metrics.items())
+            before = {row["label"]: row["metrics"] for row in saved[task_name].get("predictions", [])}
+            same = all(before.get(p.label) == p.metrics for p in predictions)
             print(f"{task_name}: {'reproduces' if same else 'DIFFERS FROM'} the metrics saved by training")
 
 
@@ -181,10 +190,18 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
         print(f"{name:28} {get_task(name).num_choices} choices")
 
 
+def _cmd_methods(args: argparse.Namespace) -> None:
+    from varlora.methods import METHODS
+
+    for name, cls in METHODS.items():
+        kind = "post-hoc on " + cls.posthoc_of if cls.posthoc_of else ("trains" if cls.trains else "no training")
+        print(f"{name:14} {kind:20} {(cls.__doc__ or '').strip().splitlines()[0]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "experiment": _cmd_experiment,
-               "tasks": _cmd_tasks}[args.command]
+               "tasks": _cmd_tasks, "methods": _cmd_methods}[args.command]
     if args.command in ("train", "experiment"):
         from varlora import distributed
 

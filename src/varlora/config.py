@@ -1,7 +1,8 @@
 """Argument groups of a varlora run, as validated dataclasses.
 
-A run is fully described by one :class:`RunConfig` (model, LoRA, optimizer, data, training and
-evaluation groups). It is saved as ``config.json`` in the run folder, so that ``varlora eval RUN_DIR``
+A run is fully described by one :class:`RunConfig` (model, LoRA, method, data, training and evaluation
+groups, plus one hyper-parameter section per registered method, defined in that method's module). It is
+saved as ``config.json`` in the run folder, so that ``varlora eval RUN_DIR``
 and a resumed ``varlora train`` rebuild exactly the same objects. Every field carries its help text in
 ``metadata["help"]``; the CLI builds its options from them.
 """
@@ -20,16 +21,18 @@ __all__ = [
     "ConfigError",
     "ModelArgs",
     "LoraArgs",
-    "AdamWArgs",
-    "IVONArgs",
+    "MethodArgs",
     "DataArgs",
     "TrainArgs",
     "EvalArgs",
     "RunConfig",
     "CONFIG_GROUPS",
+    "all_groups",
+    "check",
+    "method_sections",
+    "option",
 ]
 
-OptimizerName = Literal["adamw", "ivon"]
 ScoringMode = Literal["letter", "cloze"]
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -38,11 +41,13 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the value."""
 
 
-def _help(text: str, **kwargs: Any) -> Any:
+def option(text: str, **kwargs: Any) -> Any:
+    """A config field with its help text (shown by ``varlora train --help``)."""
     return field(metadata={"help": text}, **kwargs)
 
 
-def _check(condition: bool, name: str, value: Any, requirement: str) -> None:
+def check(condition: bool, name: str, value: Any, requirement: str) -> None:
+    """Raise :class:`ConfigError` naming ``name`` and ``value`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(f"invalid {name}={value!r}: {requirement}")
 
@@ -51,16 +56,16 @@ def _check(condition: bool, name: str, value: Any, requirement: str) -> None:
 class ModelArgs:
     """The base causal LM."""
 
-    name: str = _help(
+    name: str = option(
         "Hugging Face id, local folder, or path to a .gguf file "
         "(e.g. ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf)",
         default="../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf",
     )
-    dtype: DType = _help("dtype of the frozen base model; LoRA weights are always float32", default="float32")
+    dtype: DType = option("dtype of the frozen base model; LoRA weights are always float32", default="float32")
 
     def __post_init__(self) -> None:
-        _check(bool(self.name), "model.name", self.name, "must be non-empty")
-        _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", self.dtype,
+        check(bool(self.name), "model.name", self.name, "must be non-empty")
+        check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", self.dtype,
                "must be float32, bfloat16 or float16")
 
 
@@ -68,152 +73,134 @@ class ModelArgs:
 class LoraArgs:
     """LoRA adapters (peft): rank, scale, dropout, target modules."""
 
-    r: int = _help("LoRA rank", default=8)
-    alpha: float = _help("LoRA scaling numerator (scale = alpha / r)", default=16.0)
-    dropout: float = _help("dropout on the LoRA input", default=0.1)
-    target_modules: list[str] = _help(
+    r: int = option("LoRA rank", default=8)
+    alpha: float = option("LoRA scaling numerator (scale = alpha / r)", default=16.0)
+    dropout: float = option("dropout on the LoRA input", default=0.1)
+    target_modules: list[str] = option(
         "module names to adapt, or ['all-linear']", default_factory=lambda: ["q_proj", "v_proj"]
     )
 
     def __post_init__(self) -> None:
-        _check(self.r >= 1, "lora.r", self.r, "must be >= 1")
-        _check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
-        _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
-        _check(len(self.target_modules) > 0, "lora.target_modules", self.target_modules, "must be non-empty")
+        check(self.r >= 1, "lora.r", self.r, "must be >= 1")
+        check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
+        check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
+        check(len(self.target_modules) > 0, "lora.target_modules", self.target_modules, "must be non-empty")
 
 
 @dataclass
-class AdamWArgs:
-    """AdamW, the MAP baseline (Loshchilov & Hutter 2019)."""
+class MethodArgs:
+    """The uncertainty method (``varlora methods`` lists them); its hyper-parameters are the section named after it."""
 
-    lr: float = _help("peak learning rate", default=1e-3)
-    weight_decay: float = _help("decoupled weight decay", default=0.0)
-    beta1: float = _help("first-moment decay", default=0.9)
-    beta2: float = _help("second-moment decay", default=0.999)
-    eps: float = _help("denominator epsilon", default=1e-8)
+    name: str = option("the method (`varlora methods` lists them)", default_factory=lambda: _default_method())
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "adamw.lr", self.lr, "must be > 0")
-        _check(self.weight_decay >= 0, "adamw.weight_decay", self.weight_decay, "must be >= 0")
-        _check(0 <= self.beta1 < 1, "adamw.beta1", self.beta1, "must be in [0, 1)")
-        _check(0 <= self.beta2 < 1, "adamw.beta2", self.beta2, "must be in [0, 1)")
+        from varlora.methods import list_methods
 
-
-@dataclass
-class IVONArgs:
-    """IVON (Shen et al. 2024): posterior N(m, 1/(ess (h + weight_decay))); see varlora.IVON for the update.
-
-    The defaults are the values tuned for SmolLM2-135M / 100 steps (``varlora experiment tune-cpu``); the
-    paper's for Llama-2-7B / 10,000 steps are in the ``paper`` preset.
-    """
-
-    lr: float = _help("peak learning rate alpha", default=0.03)
-    ess: float = _help("effective sample size lambda (sets the posterior scale)", default=1e5)
-    hess_init: float = _help("initial Hessian estimate h0; initial std is 1/sqrt(ess*h0)", default=0.1)
-    beta1: float = _help("momentum decay", default=0.9)
-    beta2: float = _help("Hessian decay", default=0.99)
-    weight_decay: float = _help("prior precision delta", default=0.0)
-    clip_radius: float = _help("element-wise clip of the preconditioned update (rho)", default=1e-2)
-    mc_samples: int = _help("posterior samples per training step", default=1)
-    rescale_lr: bool = _help("multiply lr by (h0 + delta) as the reference does", default=False)
-
-    def __post_init__(self) -> None:
-        _check(self.lr > 0, "ivon.lr", self.lr, "must be > 0")
-        _check(self.ess > 0, "ivon.ess", self.ess, "must be > 0")
-        _check(self.hess_init > 0, "ivon.hess_init", self.hess_init, "must be > 0")
-        _check(0 <= self.beta1 < 1, "ivon.beta1", self.beta1, "must be in [0, 1)")
-        _check(0 <= self.beta2 <= 1, "ivon.beta2", self.beta2, "must be in [0, 1]")
-        _check(self.weight_decay >= 0, "ivon.weight_decay", self.weight_decay, "must be >= 0")
-        _check(self.clip_radius > 0, "ivon.clip_radius", self.clip_radius, "must be > 0 (inf disables)")
-        _check(self.mc_samples >= 1, "ivon.mc_samples", self.mc_samples, "must be >= 1")
+        check(self.name in list_methods(), "method.name", self.name, f"must be one of {list_methods()}")
 
 
 @dataclass
 class DataArgs:
     """Task, scoring protocol and data subsets."""
 
-    task: str = _help("task name from `varlora tasks`, or jsonl:TRAIN[,VALIDATION] for your own data",
+    task: str = option("task name from `varlora tasks`, or jsonl:TRAIN[,VALIDATION] for your own data",
                       default="arc_easy")
-    scoring: ScoringMode = _help("letter: published last-token protocol; cloze: choice log-likelihood",
+    scoring: ScoringMode = option("letter: published last-token protocol; cloze: choice log-likelihood",
                                  default="cloze")
-    data_dir: str | None = _help("folder with the original data files (default: $VARLORA_DATA_DIR or ../shared/data)",
+    data_dir: str | None = option("folder with the original data files (default: $VARLORA_DATA_DIR or ../shared/data)",
                                  default=None)
-    train_limit: int | None = _help("random subset of the training split (seeded by the run seed)", default=None)
-    eval_limit: int | None = _help("first-N-by-seed subset of the validation split (seed 0, same for all runs)",
+    train_limit: int | None = option("random subset of the training split (seeded by the run seed)", default=None)
+    eval_limit: int | None = option("first-N-by-seed subset of the validation split (seed 0, same for all runs)",
                                    default=None)
-    holdout: int | None = _help(
+    holdout: int | None = option(
         "tuning mode: evaluate on N examples held out of the training split (seed 0) instead of the "
         "validation split, and train on the rest", default=None)
-    max_length: int = _help("maximum tokens per sequence (long passages are truncated, never the answer cue)",
+    max_length: int = option("maximum tokens per sequence (long passages are truncated, never the answer cue)",
                             default=512)
-    length_normalize: bool = _help("cloze: mean per-token log-likelihood instead of the sum", default=True)
+    length_normalize: bool = option("cloze: mean per-token log-likelihood instead of the sum", default=True)
 
     def __post_init__(self) -> None:
-        _check(self.scoring in ("letter", "cloze"), "data.scoring", self.scoring, "must be letter or cloze")
+        check(self.scoring in ("letter", "cloze"), "data.scoring", self.scoring, "must be letter or cloze")
         for name in ("train_limit", "eval_limit", "holdout"):
             value = getattr(self, name)
-            _check(value is None or value >= 1, f"data.{name}", value, "must be >= 1 or unset")
-        _check(self.max_length >= 16, "data.max_length", self.max_length, "must be >= 16")
+            check(value is None or value >= 1, f"data.{name}", value, "must be >= 1 or unset")
+        check(self.max_length >= 16, "data.max_length", self.max_length, "must be >= 16")
 
 
 @dataclass
 class TrainArgs:
-    """The training loop: optimizer, steps, batches, schedule, checkpoints, seed."""
+    """The training loop: steps, batches, schedule, checkpoints, seed (the optimizer belongs to the method)."""
 
-    optimizer: OptimizerName = _help("adamw (MAP baseline) or ivon (variational)", default="ivon")
-    steps: int = _help("optimizer steps (0: evaluate the untrained model, reported as zero-shot)", default=200)
-    batch_size: int = _help("examples per optimizer step", default=4)
-    grad_accum: int = _help("micro-batches per step (batch_size must be divisible by it)", default=1)
-    max_grad_norm: float | None = _help("clip the gradient norm of each sample (None: off)", default=None)
-    warmup_steps: int = _help("linear warm-up steps before the linear decay", default=0)
-    eval_every: int = _help("evaluate at the mean every N steps (0: only at the end)", default=0)
-    save_every: int = _help("write a resumable checkpoint every N steps", default=50)
-    seed: int = _help("seed of LoRA init, data order, dropout and IVON noise", default=21)
+    steps: int = option("optimizer steps", default=200)
+    batch_size: int = option("examples per optimizer step", default=4)
+    grad_accum: int = option("micro-batches per step (batch_size must be divisible by it)", default=1)
+    max_grad_norm: float | None = option("clip the gradient norm of each sample (None: off)", default=None)
+    warmup_steps: int = option("linear warm-up steps before the linear decay", default=0)
+    eval_every: int = option("evaluate at the mean every N steps (0: only at the end)", default=0)
+    save_every: int = option("write a resumable checkpoint every N steps", default=50)
+    seed: int = option("seed of LoRA init, data order, dropout and IVON noise", default=21)
 
     def __post_init__(self) -> None:
-        _check(self.optimizer in ("adamw", "ivon"), "train.optimizer", self.optimizer, "must be adamw or ivon")
-        _check(self.steps >= 0, "train.steps", self.steps, "must be >= 0")
-        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
-        _check(self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0, "train.grad_accum",
+        check(self.steps >= 0, "train.steps", self.steps, "must be >= 0")
+        check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        check(self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0, "train.grad_accum",
                self.grad_accum, f"must be >= 1 and divide batch_size={self.batch_size}")
-        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm", self.max_grad_norm,
+        check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm", self.max_grad_norm,
                "must be > 0 or unset")
-        _check(self.warmup_steps == 0 or self.warmup_steps < self.steps, "train.warmup_steps", self.warmup_steps,
+        check(self.warmup_steps == 0 or self.warmup_steps < self.steps, "train.warmup_steps", self.warmup_steps,
                f"must be 0 or in [0, steps={self.steps})")
-        _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0")
-        _check(self.save_every >= 1, "train.save_every", self.save_every, "must be >= 1")
+        check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0")
+        check(self.save_every >= 1, "train.save_every", self.save_every, "must be >= 1")
 
 
 @dataclass
 class EvalArgs:
     """Evaluation: posterior samples, variance scales tau, ECE bins, out-of-distribution tasks."""
 
-    n_samples: int = _help("posterior samples whose probabilities are averaged (IVON)", default=10)
-    taus: list[float] = _help("posterior variance scales tau in [0, 1] to evaluate (0 = IVON@mean)",
+    n_samples: int = option("samples whose probabilities a sampled method averages (IVON, MC dropout, BLoB, "
+                            "Laplace, TFB)", default=10)
+    taus: list[float] = option("IVON: posterior variance scales tau in [0, 1] to evaluate (0 = IVON@mean)",
                               default_factory=lambda: [0.0, 1.0])
-    n_bins: int = _help("equal-width bins of the expected calibration error", default=10)
-    batch_size: int = _help("examples per evaluation forward", default=8)
-    seed: int = _help("seed of the evaluation noise (fixed: a re-evaluation reproduces the metrics)", default=0)
-    ood_tasks: list[str] = _help("other tasks to evaluate the final posterior on (out of distribution)",
+    n_bins: int = option("equal-width bins of the expected calibration error", default=10)
+    batch_size: int = option("examples per evaluation forward", default=8)
+    seed: int = option("seed of the evaluation noise (fixed: a re-evaluation reproduces the metrics)", default=0)
+    ood_tasks: list[str] = option("other tasks to evaluate the final posterior on (out of distribution)",
                                  default_factory=list)
 
     def __post_init__(self) -> None:
-        _check(self.n_samples >= 1, "eval.n_samples", self.n_samples, "must be >= 1")
-        _check(len(self.taus) > 0 and all(0.0 <= t <= 1.0 and math.isfinite(t) for t in self.taus), "eval.taus",
+        check(self.n_samples >= 1, "eval.n_samples", self.n_samples, "must be >= 1")
+        check(len(self.taus) > 0 and all(0.0 <= t <= 1.0 and math.isfinite(t) for t in self.taus), "eval.taus",
                self.taus, "must be a non-empty list of values in [0, 1]")
-        _check(self.n_bins >= 1, "eval.n_bins", self.n_bins, "must be >= 1")
-        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+        check(self.n_bins >= 1, "eval.n_bins", self.n_bins, "must be >= 1")
+        check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
 
 
 CONFIG_GROUPS: dict[str, type] = {
     "model": ModelArgs,
     "lora": LoraArgs,
-    "adamw": AdamWArgs,
-    "ivon": IVONArgs,
+    "method": MethodArgs,
     "data": DataArgs,
     "train": TrainArgs,
     "eval": EvalArgs,
 }
+
+
+def _default_method() -> str:
+    from varlora.methods import DEFAULT_METHOD
+
+    return DEFAULT_METHOD
+
+
+def method_sections() -> dict[str, type]:
+    """The hyper-parameter section of every registered method that has one, by method name."""
+    from varlora.methods import METHODS
+
+    return {name: cls.args_class for name, cls in METHODS.items() if cls.args_class is not None}
+
+
+def all_groups() -> dict[str, type]:
+    """Every config section: the run's groups, then one per method (the CLI builds its options from them)."""
+    return {**CONFIG_GROUPS, **method_sections()}
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -254,39 +241,82 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def _upgrade_legacy(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Read a config written before methods existed: ``train.optimizer: adamw|ivon`` becomes ``method.name``
+    (``train.steps: 0`` meant the untrained model, now the ``zero_shot`` method)."""
+    train = data.get("train")
+    if not isinstance(train, dict) or "optimizer" not in train:
+        return data
+    if "method" in data:
+        raise ConfigError(f"{source}: train.optimizer is replaced by method.name; give only method.name")
+    train = dict(train)
+    optimizer = train.pop("optimizer")
+    name = "zero_shot" if train.get("steps") == 0 else optimizer
+    return {**data, "train": train, "method": {"name": name}}
+
+
 @dataclass
 class RunConfig:
-    """Everything that defines a run; ``to_dict``/``from_dict`` round-trip through ``config.json``."""
+    """Everything that defines a run; ``to_dict``/``from_dict`` round-trip through ``config.json``.
+
+    ``sections`` holds one hyper-parameter dataclass per registered method (``config.ivon``, ``config.adamw``
+    ... read them); :meth:`effective` is the part that can affect the run of ``method.name``.
+    """
 
     model: ModelArgs = field(default_factory=ModelArgs)
     lora: LoraArgs = field(default_factory=LoraArgs)
-    adamw: AdamWArgs = field(default_factory=AdamWArgs)
-    ivon: IVONArgs = field(default_factory=IVONArgs)
+    method: MethodArgs = field(default_factory=MethodArgs)
     data: DataArgs = field(default_factory=DataArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
+    sections: dict[str, Any] = field(default_factory=lambda: {n: c() for n, c in method_sections().items()})
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__} has no field or method section {name!r}")
+
+    def method_args(self, name: str) -> Any:
+        """The hyper-parameter section of method ``name``."""
+        if name not in self.sections:
+            raise ConfigError(f"method {name!r} has no config section; sections: {sorted(self.sections)}")
+        return self.sections[name]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = {name: asdict(getattr(self, name)) for name in CONFIG_GROUPS}
+        return data | {name: asdict(args) for name, args in self.sections.items()}
+
+    def effective(self) -> dict[str, Any]:
+        """The config without the method sections the chosen method does not read (they cannot affect it)."""
+        from varlora.methods import get_method
+
+        cls = get_method(self.method.name)
+        used = {cls.name, *cls.sections}
+        return {k: v for k, v in self.to_dict().items() if k in CONFIG_GROUPS or k in used}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
-        unknown = set(data) - set(CONFIG_GROUPS)
+        data = _upgrade_legacy(data, source)
+        groups_cls = all_groups()
+        unknown = set(data) - set(groups_cls)
         if unknown:
-            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; expected {sorted(CONFIG_GROUPS)}")
+            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; expected {sorted(groups_cls)}")
         groups = {}
-        for name, group_cls in CONFIG_GROUPS.items():
+        for name, group_cls in groups_cls.items():
             values = data.get(name, {})
             if not isinstance(values, dict):
                 raise ConfigError(f"{source}: section {name!r} must be a mapping, got {values!r}")
             known = {f.name for f in fields(group_cls)}
             bad = set(values) - known
             if bad:
-                raise ConfigError(f"{source}: unknown field(s) {sorted(bad)} in section {name!r}")
+                hint = " (the optimizer is now method.name)" if name == "train" and "optimizer" in bad else ""
+                raise ConfigError(f"{source}: unknown field(s) {sorted(bad)} in section {name!r}{hint}")
             hints = typing.get_type_hints(group_cls)
             coerced = {k: _coerce(v, hints[k], f"{source}: {name}.{k}") for k, v in values.items()}
             groups[name] = group_cls(**coerced)
-        return cls(**groups)
+        return cls(**{n: groups[n] for n in CONFIG_GROUPS},
+                   sections={n: groups[n] for n in groups_cls if n not in CONFIG_GROUPS})
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
@@ -296,7 +326,3 @@ class RunConfig:
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from err
         return cls.from_dict(data, source=str(path))
-
-    @property
-    def optimizer_args(self) -> AdamWArgs | IVONArgs:
-        return self.ivon if self.train.optimizer == "ivon" else self.adamw

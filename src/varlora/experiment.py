@@ -26,7 +26,7 @@ import fcntl
 import io
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from varlora.config import ConfigError, RunConfig
 __all__ = ["Preset", "load_preset", "run_configs", "run_experiment", "write_report"]
 
 Log = Callable[[str], None]
+METRICS_SHOWN = ("acc", "ece", "nll", "brier")
 
 
 @dataclass
@@ -101,8 +102,11 @@ def run_configs(preset: Preset, tasks: Sequence[str] | None = None, seeds: Seque
     """``(task, variant, seed, config)`` of every run, seed-major; ``overrides`` (sections) apply last.
 
     ``tasks``, ``seeds`` and ``variants`` select a subset (e.g. to share the runs among processes). A variant
-    with ``train.steps: 0`` (zero-shot) is seed-independent and runs only at the preset's first seed.
+    whose method is seed-independent (zero-shot) runs only at the preset's first seed. Within a seed and task,
+    variants of post-hoc methods come after the others, so that they can reuse a finished MAP run.
     """
+    from varlora.methods import get_method
+
     for kind, chosen, known in (("task", tasks, preset.tasks), ("variant", variants, preset.variants)):
         for name in chosen or []:
             if name not in known:
@@ -116,10 +120,34 @@ def run_configs(preset: Preset, tasks: Sequence[str] | None = None, seeds: Seque
                 data = _merge(data, {"data": {"task": task}, "train": {"seed": seed}})
                 data = _merge(data, overrides or {})
                 config = RunConfig.from_dict(data, source=f"{preset.source} [{task}/{variant}/seed {seed}]")
-                if config.train.steps == 0 and seed != preset.seeds[0]:
+                if get_method(config.method.name).seed_independent and seed != preset.seeds[0]:
                     continue  # an untrained model's evaluation does not depend on the seed: run it once
                 runs.append((task, variant, seed, config))
-    return runs
+    posthoc = {v for _, v, _, c in runs if get_method(c.method.name).posthoc_of}
+    return sorted(runs, key=lambda run: (preset.seeds.index(run[2]), list(preset.tasks).index(run[0]),
+                                         run[1] in posthoc))
+
+
+def _reuse_source(runs: Sequence[tuple[str, str, int, RunConfig]], index: int, out_dir: Path) -> Path | None:
+    """For a post-hoc run, the folder of a run of the same task and seed whose method it starts from (the
+    trainer checks that the two configs agree before reusing it)."""
+    from varlora.methods import get_method
+
+    task, _, seed, config = runs[index]
+    source = get_method(config.method.name).posthoc_of
+    for other_task, other_variant, other_seed, other in runs:
+        if (other_task, other_seed) == (task, seed) and other.method.name == source and _same_training(other,
+                                                                                                        config):
+            return out_dir / task / other_variant / f"seed{seed}"
+    return None
+
+
+def _same_training(map_config: RunConfig, config: RunConfig) -> bool:
+    """Whether ``map_config`` trains the adapter that post-hoc ``config`` starts from."""
+    from varlora.methods import get_method
+
+    ours = RunConfig.from_dict({**config.to_dict(), "method": {"name": get_method(config.method.name).posthoc_of}})
+    return ours.effective() == map_config.effective()
 
 
 def run_experiment(preset_name: str, out: str | None = None, results: str | None = None,
@@ -146,7 +174,7 @@ def run_experiment(preset_name: str, out: str | None = None, results: str | None
                     continue
                 log(f"[{index}/{len(runs)}] {task} {variant} seed {seed} → {folder}")
                 started = time.perf_counter()
-                train_run(config, folder, log=log)
+                train_run(config, folder, log=log, reuse=_reuse_source(runs, index - 1, out_dir))
                 log(f"[{index}/{len(runs)}] done in {time.perf_counter() - started:.0f} s")
             if main:
                 write_report(preset, out_dir, results_dir, runs[0][3])
@@ -173,48 +201,52 @@ def _claim(folder: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _row_label(variant: str, method: str) -> str:
-    """``adamw`` / ``ivon@mean`` / ``ivon`` for the standard variants, ``<variant> <method>`` otherwise."""
-    return method if method.split("@")[0].split("[")[0] == variant else f"{variant} {method}"
+def _ordered_labels(results: Sequence[report.RunResult], preset: Preset) -> list[str]:
+    """Row labels in the order of the preset's variants, each variant's rows in the order the run made them."""
+    labels: list[str] = []
+    for variant in preset.variants:
+        for r in results:
+            if r.variant == variant and r.label not in labels:
+                labels.append(r.label)
+    return labels
 
 
 def write_report(preset: Preset, out_dir: Path, results_dir: Path, sample: RunConfig) -> None:
-    """``table.md`` (paper layout, mean ± s.e. over seeds), ``table.csv``, ``runs.csv`` and the figures."""
-    found = [r for r in report.find_runs(out_dir) if r.folder.parent.parent.name in preset.tasks]
+    """``table.md`` (per-task tables, the average and the mean rank, mean ± s.e. over seeds; the cost table),
+    ``table.csv``, ``runs.csv`` and the figures."""
+    found = [r for r in report.find_runs(out_dir) if r.folder.parent.parent.name in preset.tasks
+             and r.folder.parent.name in preset.variants]
     if not found:
         return
-    labelled = [report.RunResult(r.folder, r.train_task, r.eval_task, _row_label(r.folder.parent.name, r.method),
-                                 r.seed, r.train_seconds, r.metrics) for r in found]
-    first = ("zero-shot", "adamw", "ivon@mean", "ivon")
-    methods = sorted({r.method for r in labelled}, key=lambda m: (first.index(m) if m in first else len(first), m))
+    labelled = [r.in_variant(r.folder.parent.name) for r in found]
+    methods = _ordered_labels(labelled, preset)
     tasks = list(preset.tasks)  # every column, so that "average" is over all of them or absent
     table = report.aggregate(labelled, methods, tasks)
     seeds = sorted({r.seed for r in labelled})
+    n_eval = sorted({(r.train_task, int(r.metrics["n"])) for r in labelled if r.eval_task == r.train_task})
     header = [
         f"# Experiment `{preset.name}`", "", preset.description, "",
         f"Scoring protocol: **{sample.data.scoring}**. Model: `{sample.model.name}`. "
         f"Seeds with results: {seeds}. Mean ± standard error over the seeds a cell has (no ± for one seed); the "
         f"average column uses only the seeds that have every task; ECE with {sample.eval.n_bins} bins; "
-        f"IVON = average of {sample.eval.n_samples} posterior samples (τ = 1), IVON@mean = τ = 0.", "",
+        f"sampled methods average the probabilities of {sample.eval.n_samples} samples; IVON = τ 1, "
+        f"IVON@mean = τ 0. Evaluation examples per task: "
+        + ", ".join(f"{t} {n}" for t, n in n_eval) + ".", "",
     ]
-    timing = ["| training seconds (mean over seeds) | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for method in methods:
-        cells = table[method]
-        timing.append(f"| {method} | " + " | ".join(
-            f"{cells[t]['train_seconds'][0]:.0f}" if t in cells else "–" for t in tasks) + " |")
+    sections = ["## Per task and average", "", report.markdown_table(table, tasks, metrics=METRICS_SHOWN),
+                "## Mean rank across tasks (1 = best; ACC higher is better, the others lower)", "",
+                report.rank_table(table, tasks, METRICS_SHOWN),
+                "## Cost (means over tasks and seeds)", "", report.cost_table(labelled, methods)]
     ood = [r for r in labelled if r.eval_task != r.train_task]
-    ood_lines = []
     if ood:
-        ood_table = report.aggregate([report.RunResult(r.folder, r.eval_task, r.eval_task, r.method, r.seed,
-                                                       r.train_seconds, r.metrics) for r in ood], methods,
-                                     sorted({r.eval_task for r in ood}))
-        ood_lines = ["## Out of distribution (trained on the preset's task, evaluated unchanged)", "",
-                     report.markdown_table(ood_table, sorted({r.eval_task for r in ood}))]
-    _io.write_text(results_dir / "table.md", "\n".join(header) + "\n" + report.markdown_table(table, tasks) + "\n"
-                   + "\n".join(timing) + "\n\n" + "\n".join(ood_lines))
+        ood_tasks = sorted({r.eval_task for r in ood})
+        ood_table = report.aggregate([replace(r, train_task=r.eval_task) for r in ood], methods, ood_tasks)
+        sections += ["## Out of distribution (trained on the preset's task, evaluated unchanged)", "",
+                     report.markdown_table(ood_table, ood_tasks)]
+    _io.write_text(results_dir / "table.md", "\n".join(header) + "\n" + "\n".join(sections) + "\n")
     _io.write_text(results_dir / "table.csv", report.csv_table(table))
     _io.write_text(results_dir / "runs.csv", _runs_csv(labelled))
-    report.write_figures(labelled, results_dir, n_bins=sample.eval.n_bins)
+    report.write_figures(labelled, results_dir, n_bins=sample.eval.n_bins, order=methods)
 
 
 def _runs_csv(results: Sequence[report.RunResult]) -> str:
@@ -222,8 +254,10 @@ def _runs_csv(results: Sequence[report.RunResult]) -> str:
     buffer = io.StringIO()
     keys = sorted({k for r in results for k in r.metrics})
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["train_task", "eval_task", "method", "seed", "train_seconds", *keys])
-    for r in sorted(results, key=lambda r: (r.train_task, r.eval_task, r.method, r.seed)):
-        writer.writerow([r.train_task, r.eval_task, r.method, r.seed, f"{r.train_seconds:.2f}",
+    writer.writerow(["train_task", "eval_task", "label", "method", "tau", "n_samples", "forward_passes", "seed",
+                     "train_seconds", *keys])
+    for r in sorted(results, key=lambda r: (r.train_task, r.eval_task, r.label, r.seed)):
+        writer.writerow([r.train_task, r.eval_task, r.label, r.method, "" if r.tau is None else r.tau, r.n_samples,
+                         r.forward_passes, r.seed, f"{r.train_seconds:.2f}",
                          *(f"{r.metrics[k]:.6g}" if k in r.metrics else "" for k in keys)])
     return buffer.getvalue()

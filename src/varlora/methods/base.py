@@ -19,13 +19,12 @@ and costs travel in the class attributes and in the fields of each :class:`Predi
 
 from __future__ import annotations
 
-from abc import ABC
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+from varlora.prediction import Prediction
 
 if TYPE_CHECKING:
     from varlora.session import Session
@@ -37,36 +36,6 @@ Log = Callable[[str], None]
 
 
 @dataclass
-class Prediction:
-    """One table row: a method's averaged probabilities on N examples, and how they were made.
-
-    Attributes:
-        label: the row's name in tables and plots, e.g. ``ivon@mean``, ``blob``, ``blob@mean``.
-        method: the registry name of the method that made it (e.g. ``ivon``).
-        probs: (N, K) float64, the predictive p̄ = (1/S) Σₛ pₛ (probabilities are averaged, never logits).
-        labels: (N,) int64 true choices.
-        sample_probs: (S, N, K) per-sample probabilities of a sampled predictive, else None.
-        logits: (N, K) float64 deterministic choice logits where the method keeps them, else None.
-        tau: the posterior variance scale of an IVON-style predictive (0 = at the mean), else None.
-        n_samples: samples averaged (1 for a deterministic predictive; 0 marks "at the mean" rows of
-            methods whose default predictive samples, as BLoB's N = 0).
-        forward_passes: forward passes of the LM per example (the inference cost).
-        metrics: filled by :func:`varlora.evaluate.finish`.
-    """
-
-    label: str
-    method: str
-    probs: torch.Tensor
-    labels: torch.Tensor
-    sample_probs: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    tau: float | None = None
-    n_samples: int = 1
-    forward_passes: int = 1
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
 class StepResult:
     """What a training step reports: the mean loss and optional per-step statistics (logged to metrics.jsonl)."""
 
@@ -74,7 +43,7 @@ class StepResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-class Method(ABC):
+class Method:
     """Base class: a deterministic predictive at the LoRA model's current weights, no training.
 
     Subclasses set the class attributes and override what they need:
@@ -88,6 +57,7 @@ class Method(ABC):
       method starts from; an experiment may reuse that method's finished run instead of training again.
     - ``supports_distributed``: whether it runs under torchrun with several processes.
     - ``role``: ``"map"`` for the deterministic baseline drawn as the reference point in figures, else "".
+    - ``seed_independent``: its predictions do not depend on the seed (zero-shot): experiments run it once.
     """
 
     name: ClassVar[str] = ""
@@ -99,6 +69,7 @@ class Method(ABC):
     posthoc_of: ClassVar[str | None] = None
     supports_distributed: ClassVar[bool] = False
     role: ClassVar[str] = ""
+    seed_independent: ClassVar[bool] = False
 
     def __init__(self, session: Session) -> None:
         self.session = session

@@ -1,0 +1,141 @@
+"""What a run holds in memory: the LoRA model, its trainable parameters, the task's scorer and data.
+
+:func:`setup` builds a :class:`Session` from a :class:`~varlora.config.RunConfig`; every method
+(:mod:`varlora.methods`) trains and predicts through it. The data of a run:
+
+- ``train_examples``: ``data.train_limit`` random examples of the train split (seeded by the run seed);
+- ``val_examples``: ``data.eval_limit`` examples of the validation split chosen with seed 0 (the same for
+  every run and seed), or, in tuning mode (``data.holdout = N``), N training examples chosen with seed 0;
+- :meth:`Session.heldout_train_examples`: training-split examples that are neither trained on nor evaluated,
+  for what a post-hoc method fits (a temperature, TFB's anchor set). Evaluation data is never among them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from varlora import distributed
+from varlora.config import ConfigError, RunConfig
+from varlora.models import attach_lora, load_base_model, load_tokenizer, lora_parameters
+from varlora.run_paths import RunPaths
+from varlora.schedule import batch_indices
+from varlora.scoring import make_scorer
+from varlora.tasks import Example, Task, get_task
+
+__all__ = ["Session", "setup", "load_splits", "scorer_for", "load_adapter_weights", "ADAPTER_FILE"]
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+@dataclass
+class Session:
+    """The model with LoRA, its named trainable parameters (sorted), tokenizer, the task's scorer and data."""
+
+    config: RunConfig
+    paths: RunPaths
+    model: torch.nn.Module
+    params: dict[str, torch.nn.Parameter]
+    tokenizer: Any
+    scorer: Any
+    train_examples: list[Example]
+    val_examples: list[Example]
+    unused_train_examples: list[Example] = field(default_factory=list)
+
+    def batch(self, step: int, seed_offset: int = 0) -> list[Example]:
+        """The training examples of ``step``: a seeded permutation per epoch (``train.seed + seed_offset``)."""
+        cfg = self.config.train
+        if not self.train_examples:
+            raise ConfigError(f"task {self.config.data.task!r} has no training examples")
+        indices = batch_indices(step, cfg.batch_size, len(self.train_examples), cfg.seed + seed_offset)
+        return [self.train_examples[i] for i in indices]
+
+    def heldout_train_examples(self, n: int, field_name: str = "held-out examples") -> list[Example]:
+        """``n`` training-split examples never trained on nor evaluated, chosen with the run seed.
+
+        Raises ConfigError naming ``field_name`` when the train split has fewer unused examples.
+        """
+        pool = self.unused_train_examples
+        if n > len(pool):
+            raise ConfigError(f"invalid {field_name}={n}: only {len(pool)} examples of the train split of "
+                              f"{self.config.data.task!r} are unused by training (lower it or data.train_limit)")
+        pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.config.train.seed))
+        return [pool[i] for i in sorted(pick[:n].tolist())]
+
+
+def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True) -> Session:
+    """Load the model and data of ``config``; LoRA is initialised from the run seed."""
+    paths = RunPaths(Path(run_dir))
+    torch.manual_seed(config.train.seed)
+    tokenizer = load_tokenizer(config.model.name)
+    base = load_base_model(config.model.name, config.model.dtype)
+    model = attach_lora(base, config.lora, seed=config.train.seed)
+    model.to(distributed.local_device())
+    if distributed.rank() > 0:  # the same LoRA initialisation on every rank, but rank-specific dropout
+        torch.manual_seed(config.train.seed * 1_000_003 + distributed.rank())
+    task = get_task(config.data.task)
+    train_examples, val_examples, unused = load_splits(task, config, need_train=need_train)
+    return Session(config, paths, model, lora_parameters(model), tokenizer, scorer_for(config, tokenizer, task),
+                   train_examples, val_examples, unused)
+
+
+def scorer_for(config: RunConfig, tokenizer, task: Task):
+    """The scorer of ``task`` with the run's scoring protocol."""
+    d = config.data
+    return make_scorer(d.scoring, tokenizer, task, max_length=d.max_length, length_normalize=d.length_normalize)
+
+
+def load_splits(task: Task, config: RunConfig,
+                need_train: bool = True) -> tuple[list[Example], list[Example], list[Example]]:
+    """Training, evaluation and unused training examples of a run (see the module docstring).
+
+    With ``need_train=False`` only the evaluation examples are loaded (the other two are empty).
+    """
+    d = config.data
+    if d.holdout is None:
+        if not need_train:
+            return [], task.load("validation", data_dir=d.data_dir, limit=d.eval_limit, seed=0), []
+        pool = task.load("train", data_dir=d.data_dir)
+        train = task.load("train", data_dir=d.data_dir, limit=d.train_limit, seed=config.train.seed)
+        used = {ex.id for ex in train}
+        return (train, task.load("validation", data_dir=d.data_dir, limit=d.eval_limit, seed=0),
+                [ex for ex in pool if ex.id not in used])
+    pool = task.load("train", data_dir=d.data_dir)
+    if d.holdout >= len(pool):
+        raise ConfigError(f"invalid data.holdout={d.holdout}: "
+                          f"the train split of {d.task} has only {len(pool)} examples")
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0)).tolist()
+    held, rest = [pool[i] for i in order[: d.holdout]], [pool[i] for i in order[d.holdout :]]
+    unused: list[Example] = []
+    if d.train_limit is not None and d.train_limit < len(rest):
+        pick = torch.randperm(len(rest), generator=torch.Generator().manual_seed(config.train.seed))
+        chosen = set(pick[: d.train_limit].tolist())
+        unused = [rest[i] for i in range(len(rest)) if i not in chosen]
+        rest = [rest[i] for i in sorted(chosen)]
+    return (rest if need_train else []), held[: d.eval_limit], (unused if need_train else [])
+
+
+def load_adapter_weights(model: torch.nn.Module, folder: Path, adapter_name: str = "default") -> None:
+    """Load ``folder/adapter_model.safetensors`` (peft format) into ``model``'s adapter ``adapter_name``.
+
+    Raises FileNotFoundError if the file is missing, ValueError naming the file if it is unreadable or lacks
+    LoRA weights the model expects.
+    """
+    from peft import set_peft_model_state_dict
+
+    adapter = Path(folder) / ADAPTER_FILE
+    if not adapter.is_file():
+        raise FileNotFoundError(f"{adapter} is missing: the run has not finished training")
+    try:
+        weights = load_file(str(adapter))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{adapter} is unreadable (truncated or corrupted?): {err}") from err
+    result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
+    missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}." in k]
+    if missing:
+        raise ValueError(f"{adapter} lacks LoRA weights the model expects, e.g. {missing[0]}")
