@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_scoring import MC, MC_TASK, _lora, exact_float64  # noqa: F401  (fixture)
 from torch import nn
 
 from conftest import tiny_llama
+from test_scoring import MC, MC_TASK, _lora, exact_float64  # noqa: F401  (fixture)
 from varlora.methods._kfac import (
     KronLaplace,
     fit_kron_factors,
@@ -95,7 +95,7 @@ def test_weight_sharing_expand_factors_closed_form(f64):
 
 # ---- the LoRA model -----------------------------------------------------------------------------------
 @pytest.fixture
-def lora_cloze(letter_tokenizer, exact_float64):
+def lora_cloze(letter_tokenizer, exact_float64):  # noqa: F811
     model = _lora(tiny_llama(dtype=torch.float64)).eval()
     scorer = ClozeScorer(letter_tokenizer, MC_TASK)
     return model, scorer

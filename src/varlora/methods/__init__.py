@@ -7,10 +7,11 @@
 ``mc_dropout``         the MAP adapter with LoRA dropout on at test time (post-hoc)
 ``ensemble``           M MAP adapters, probabilities averaged
 ``temperature``        the MAP adapter's logits scaled by a temperature fitted on held-out training data
+``laplace``            Laplace-LoRA: post-hoc K-FAC Laplace on the MAP adapter, linearised predictive
 ====================  ===========================================================================
 """
 
-from varlora.methods import adamw, ensemble, ivon, mc_dropout, temperature, zero_shot  # noqa: F401
+from varlora.methods import adamw, ensemble, ivon, laplace, mc_dropout, temperature, zero_shot  # noqa: F401
 from varlora.methods.base import METHODS, Method, Prediction, StepResult, get_method, list_methods, register
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "Method", "Prediction", "StepResult", "get_method", "list_methods", "register",

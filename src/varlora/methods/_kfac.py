@@ -174,7 +174,8 @@ class KronLaplace:
         for name, (G, A) in factors.items():
             lg, qg = torch.linalg.eigh(G.double())
             la, qa = torch.linalg.eigh(A.double())
-            eig[name] = (lg.clamp_min(0), qg.contiguous(), la.clamp_min(0), qa.contiguous())  # one memory layout, saved or not
+            # contiguous: a reloaded posterior has the same memory layout, hence bit-identical matmuls
+            eig[name] = (lg.clamp_min(0), qg.contiguous(), la.clamp_min(0), qa.contiguous())
         sq = sum(float(weights[n].detach().double().pow(2).sum()) for n in factors)
         n_params = sum(weights[n].numel() for n in factors)
         return cls(eig, sq, n_params, n_data, float(log_lik), float(prior_precision))

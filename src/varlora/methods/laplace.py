@@ -16,6 +16,11 @@ Differences from the reference (laplace-torch 0.3 as Laplace-LoRA calls it), all
 δ is maximised exactly (grid + golden section on ln δ; the objective is unimodal) instead of 100 Adam steps;
 the reference's predictive draws 100,000 logit samples, ours by default uses probit (laplace-torch's default)
 or ``eval.n_samples`` samples seeded by ``eval.seed``.
+
+Caveat (measured on the tiny test model): the multi-class probit softmax(κ ⊙ f*) is not invariant to adding a
+constant to all K logits, while the softmax is. Cloze scores are mean log-likelihoods (all about −5 on a small
+model), so there a choice with a larger variance gets a *less* negative κ f and gains probability; the MC
+predictive has no such bias. laplace-torch's probit behaves identically (tests/test_kfac.py).
 """
 
 from __future__ import annotations
