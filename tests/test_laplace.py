@@ -23,7 +23,7 @@ def _laplace_config(assets, **laplace) -> RunConfig:  # noqa: F811
     return RunConfig.from_dict(data | {"laplace": {"fit_limit": 12} | laplace})
 
 
-@pytest.mark.parametrize("link", ["probit", "mc"])
+@pytest.mark.parametrize("link", ["probit", pytest.param("mc", marks=pytest.mark.slow)])
 def test_laplace_trains_fits_saves_and_reloads_exactly(assets, tmp_path, link, capsys):  # noqa: F811
     run = tmp_path / link
     summary = train_run(_laplace_config(assets, link_approx=link), run, log=lambda _: None)
@@ -43,6 +43,7 @@ def test_laplace_trains_fits_saves_and_reloads_exactly(assets, tmp_path, link, c
     assert json.loads(RunPaths(run).eval_json(summary["task"]).read_text())["predictions"] == saved["predictions"]
 
 
+@pytest.mark.slow
 def test_laplace_predictive_reduces_to_map_as_the_prior_tightens(assets, tmp_path):  # noqa: F811
     """Same adapter, same logits (f*); the GLM variance changes the probabilities, and with a huge prior
     precision (Σ → 0) the predictive is the MAP's softmax."""
