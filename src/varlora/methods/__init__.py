@@ -7,12 +7,23 @@
 ``mc_dropout``         the MAP adapter with LoRA dropout on at test time (post-hoc)
 ``ensemble``           M MAP adapters, probabilities averaged
 ``temperature``        the MAP adapter's logits scaled by a temperature fitted on held-out training data
+``laplace``            Laplace-LoRA: post-hoc K-FAC Laplace on the MAP adapter, linearised predictive
 ``blob``               BLoB: Gaussian LoRA A trained by backprop with a KL term; N samples and N = 0 rows
 ``tfb``                TFB: the MAP adapter with the largest isotropic variance that keeps its anchor set
 ====================  ===========================================================================
 """
 
-from varlora.methods import adamw, blob, ensemble, ivon, mc_dropout, temperature, tfb, zero_shot  # noqa: F401
+from varlora.methods import (  # noqa: F401
+    adamw,
+    blob,
+    ensemble,
+    ivon,
+    laplace,
+    mc_dropout,
+    temperature,
+    tfb,
+    zero_shot,
+)
 from varlora.methods.base import METHODS, Method, Prediction, StepResult, get_method, list_methods, register
 
 __all__ = [
