@@ -217,6 +217,7 @@ def test_invalid_fused_option_is_refused():
         IVON(model32().parameters(), lr=0.1, ess=10.0, fused="yes")
 
 
+@requires_kernels
 def test_an_unwritable_cache_is_reported_with_the_way_out(fresh_build, monkeypatch, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
