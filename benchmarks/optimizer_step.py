@@ -12,22 +12,21 @@ alternately in one process and the ratio is that of the medians (the median of p
 too). Memory: bytes of the tensors each optimizer keeps (IVON: state plus the workspace that holds the
 gradient sums during a step) and bytes allocated inside one step (profiler), i.e. transient temporaries.
 
-The default is one intra-op thread: on a small shared machine, OpenMP barriers of 2-thread ops stall on
-descheduled threads and AdamW's step time becomes meaningless (tensors of exactly 32,768 elements cross
-PyTorch's parallel grain size). Use ``--threads`` to change it; the noise draw uses as many threads.
+Each thread count of ``--threads`` (default 1 and 2) is measured in the same run, one after the other, with
+``torch.set_num_threads``: the foreach paths use torch's intra-op threads, the fused kernels and the noise
+draws as many threads of their own. The output starts with the CPU model (``/proc/cpuinfo``) and the thread
+counts, since the ratios depend on both (on a small shared machine, OpenMP barriers of 2-thread ops stall on
+descheduled threads; tensors of exactly 32,768 elements cross PyTorch's parallel grain size).
 
-Run: ``python benchmarks/optimizer_step.py [--repeats 15] [--threads 1] [--sizes 4.2M 40M]``
-
-Measured on the development machine (2 AMD EPYC cores, idle, 1 thread, torch 2.13 CPU, 2 runs; output in
-``results/benchmarks/optimizer_step_cpu.txt``): 4.2M, AdamW 13.8-13.9 ms, IVON 9.7 ms (**0.70x**), IVON on the torch
-path (``fused=False``) 22.8-23.1 ms (1.64-1.67x); 40M, AdamW 112-114 ms, IVON 81-83 ms (0.71-0.74x), torch path
-211-212 ms (1.85-1.89x). The noise draw: 1.7 ms (fused generator) against 9.6 ms (``normal_``) at 4.2M. Memory:
-IVON holds 4 floats per parameter (AdamW 2, plus 1 allocated each step), a peak 1.33x AdamW's.
+Run: ``python benchmarks/optimizer_step.py [--repeats 15] [--threads 1 2] [--sizes 4.2M 40M]``; the
+output of the development machine is ``results/benchmarks/optimizer_step_cpu.txt``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -76,6 +75,17 @@ def median_ms(times: list[float]) -> float:
     return 1e3 * statistics.median(times)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else what ``platform`` knows) and its logical CPU count."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{name or platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
+
+
 def make_ivon(params: list[torch.nn.Parameter], fused: bool) -> IVON:
     # IVON-LoRA (Cong et al. 2024) on Llama-2-7B, ARC: ess 1e6, h0 1e-3; lr 0.03, clip 1e-3, no weight decay
     return IVON(
@@ -88,6 +98,7 @@ def make_ivon(params: list[torch.nn.Parameter], fused: bool) -> IVON:
         rescale_lr=False,
         generator=torch.Generator().manual_seed(0),
         fused=fused,
+        stats_every=10,
     )
 
 
@@ -162,29 +173,40 @@ def bench(size: str, repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15, help="timed steps of each optimizer")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure")
     parser.add_argument("--sizes", nargs="+", default=["4.2M", "40M"], help="LoRA configurations")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.repeats} interleaved repeats, fp32")
-    print("IVON: lr 0.03, ess 1e6, hess_init 1e-3, weight_decay 0, clip_radius 1e-3, 1 MC sample; AdamW foreach")
+    print(f"CPU: {cpu_model()}")
+    print(f"torch {torch.__version__}, threads {args.threads} (measured in turn in this run), {args.repeats} "
+          "interleaved repeats, fp32")
+    print("IVON: lr 0.03, ess 1e6, hess_init 1e-3, weight_decay 0, clip_radius 1e-3, 1 MC sample, stats_every 10;"
+          " AdamW foreach")
     print("IVON = the default fused CPU kernels; IVON torch = fused=False (the torch._foreach_* path)")
-    rows = [bench(size, args.repeats) for size in args.sizes]
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print()
+        print(f"== {torch.get_num_threads()} thread(s)")
+        report(args.sizes, [bench(size, args.repeats) for size in args.sizes])
+
+
+def report(sizes: list[str], rows: list[dict[str, float]]) -> None:
+    """Print the timing and memory tables of one thread count."""
     mb = 1 / 2**20
     print()
     print("parameters             tensors  AdamW ms  IVON ms  IVON/AdamW  (median per repeat)"
           "  IVON torch ms  IVON torch/AdamW  noise ms: fused  torch")
-    for size, r in zip(args.sizes, rows, strict=True):
+    for size, r in zip(sizes, rows, strict=True):
         print(
             f"{size:>4} = {r['numel']:>10,}  {r['tensors']:>9}  {r['adamw_ms']:>8.1f}  {r['ivon_ms']:>7.1f}"
             f"  {r['ratio']:>10.2f}  {r['pair_ratio']:>19.2f}  {r['ivon_torch_ms']:>13.1f}"
             f"  {r['torch_ratio']:>16.2f}  {r['noise_fused_ms']:>15.1f}  {r['noise_ms']:>5.1f}"
+            f"   fused/foreach {r['ivon_ms'] / r['ivon_torch_ms']:.2f}"
         )
     print()
     print(
         "memory, MB        parameters   AdamW held + allocated/step = peak   IVON held + allocated/step = peak   ratio"
     )
-    for size, r in zip(args.sizes, rows, strict=True):
+    for size, r in zip(sizes, rows, strict=True):
         adam_peak, ivon_peak = r["adamw_state"] + r["adamw_alloc"], r["ivon_held"] + r["ivon_alloc"]
         print(
             f"{size:>4}              {r['param_bytes'] * mb:>10.1f}   {r['adamw_state'] * mb:>10.1f}"

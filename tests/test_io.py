@@ -1,6 +1,8 @@
 """Atomic writes leave the old file intact when the writer fails; torn JSONL tails are dropped."""
 
+import contextlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +48,59 @@ def test_written_files_and_folders_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
     assert (tmp_path / "final").stat().st_mode & 0o777 == 0o755
+
+
+class Crash(Exception):
+    """Stands for the process being killed."""
+
+
+@pytest.mark.parametrize("swap", [True, False])
+def test_atomic_dir_never_leaves_nothing_in_place(tmp_path, monkeypatch, swap):
+    """A crash at the worst moment of the replacement leaves the old folder findable (swap: in place; two
+    renames: under .final.previous, put back by the next atomic_dir)."""
+    target = tmp_path / "final"
+    with _io.atomic_dir(target) as folder:
+        (folder / "old").write_text("1")
+    if not swap:
+        monkeypatch.setattr(_io, "_exchange", lambda a, b: False)
+    real_replace = os.replace
+
+    def crash_after_first_rename(src, dst):
+        real_replace(src, dst)
+        if Path(dst).name == ".final.previous":
+            raise Crash
+
+    monkeypatch.setattr(_io.os, "replace", crash_after_first_rename)
+    with pytest.raises(Crash) if not swap else contextlib.nullcontext(), _io.atomic_dir(target) as folder:
+        (folder / "new").write_text("2")
+    if swap:  # one atomic exchange, nothing to crash between
+        assert sorted(p.name for p in target.iterdir()) == ["new"]
+        return
+    assert not target.exists() and (tmp_path / ".final.previous" / "old").exists()
+    monkeypatch.setattr(_io.os, "replace", real_replace)
+    with pytest.raises(RuntimeError), _io.atomic_dir(target):
+        raise RuntimeError
+    assert sorted(p.name for p in target.iterdir()) == ["old"]  # recovered
+    with _io.atomic_dir(target) as folder:
+        (folder / "new").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_atomic_writes_do_not_touch_the_umask(tmp_path, monkeypatch):
+    def forbidden(mask):
+        raise AssertionError("os.umask is process-wide state")
+
+    monkeypatch.setattr(_io.os, "umask", forbidden)
+    _io.write_text(tmp_path / "a.txt", "x")
+    with _io.atomic_dir(tmp_path / "d"):
+        pass
+    assert (tmp_path / "a.txt").read_text() == "x" and (tmp_path / "d").is_dir()
+
+
+def test_one_cache_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("VARLORA_CACHE", str(tmp_path))
+    from varlora import assets  # noqa: F401  (uses the same folder)
+    from varlora.optim import _cpu_kernels
+
+    assert _io.cache_dir() == tmp_path and _cpu_kernels.cache_dir() == tmp_path / "kernels"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 import re
@@ -14,10 +15,12 @@ import torch
 from torch import nn
 
 from varlora import IVON
-from varlora.optim import _cpu_kernels
+from varlora.optim import IVON_DEFAULTS, _cpu_kernels, sampling, validate_ivon_hyperparameters
 from varlora.optim import _functional as F
 
-DEFAULTS = dict(lr=0.05, ess=100.0)
+DEFAULTS = dict(lr=0.05, ess=100.0, stats_every=1)
+requires_kernels = pytest.mark.skipif(not _cpu_kernels.available(),
+                                      reason=f"no fused kernels here: {_cpu_kernels.build_error()}")
 
 
 def mlp(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Sequential:
@@ -82,12 +85,38 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         dict(sync=1),
         dict(foreach="auto"),
         dict(generator=42),
+        dict(stats_every=0),
     ],
 )
 def test_invalid_hyperparameter_raises_value_error_naming_it(kwargs):
-    (value,) = kwargs.values()
-    with pytest.raises(ValueError, match=re.escape(repr(value))):
+    ((name, value),) = kwargs.items()
+    with pytest.raises(ValueError, match=f"Invalid {name}: {re.escape(repr(value))}"):
         IVON(mlp().parameters(), **{**DEFAULTS, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(lr=-1e-3), dict(ess=0), dict(hess_init=float("inf")), dict(beta1=1), dict(beta2=-0.5),
+     dict(weight_decay=float("nan")), dict(clip_radius=-1.0), dict(mc_samples=True), dict(hess_approx=None),
+     dict(rescale_lr=1), dict(lr=True)],
+)
+def test_validate_ivon_hyperparameters_is_the_rule_ivon_applies(kwargs):
+    ((name, value),) = kwargs.items()
+    with pytest.raises(ValueError, match=f"Invalid {name}: {re.escape(repr(value))}"):
+        validate_ivon_hyperparameters(**kwargs)
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        IVON(mlp().parameters(), **{**DEFAULTS, **kwargs})
+    validate_ivon_hyperparameters(lr=0.0, ess=1e6, **IVON_DEFAULTS)  # lr 0 is legal: schedules may reach it
+    with pytest.raises(ValueError, match="Unknown IVON hyper-parameter: 'learning_rate'"):
+        validate_ivon_hyperparameters(learning_rate=0.1)
+
+
+def test_ivon_defaults_are_the_constructor_defaults():
+    signature = inspect.signature(IVON.__init__).parameters
+    assert {k: signature[k].default for k in IVON_DEFAULTS} == dict(IVON_DEFAULTS)
+    assert IVON_DEFAULTS["beta2"] == 0.99999 and IVON_DEFAULTS["clip_radius"] == math.inf  # the reference's
+    with pytest.raises(TypeError):
+        IVON_DEFAULTS["beta2"] = 0.9  # type: ignore[index]
 
 
 def test_invalid_group_option_raises_and_leaves_optimizer_unchanged():
@@ -105,6 +134,7 @@ def test_invalid_sampling_arguments():
     for kwargs in (
         dict(tau=-1.0),
         dict(tau=float("inf")),
+        dict(tau=1.5),
         dict(train=True, tau=0.5),
         dict(max_grad_norm=0.0),
     ):
@@ -531,7 +561,8 @@ def test_posterior_gives_mean_and_sigma_and_reproduces_sampling():
 
 def test_clip_fraction_matches_brute_force():
     model, (x, y) = mlp(), batch()
-    opt = IVON(model.parameters(), lr=0.01, ess=100.0, clip_radius=0.05, generator=torch.Generator().manual_seed(0))
+    opt = IVON(model.parameters(), lr=0.01, ess=100.0, clip_radius=0.05, stats_every=1,
+               generator=torch.Generator().manual_seed(0))
     train(model, opt, 2, x, y)
     old = {p: (p.detach().clone(), opt.state[p]["hess"].clone()) for p in model.parameters()}
     train(model, opt, 1, x, y)
@@ -644,11 +675,11 @@ def assert_same_final(a: dict, b: dict) -> None:
 @pytest.mark.parametrize(
     "dtype, path, mc_samples, cut",
     [
-        (torch.float32, "fused", 1, 7),
+        pytest.param(torch.float32, "fused", 1, 7, marks=requires_kernels),
         (torch.float32, "foreach", 1, 7),
         (torch.float32, "single", 1, 7),
         (torch.bfloat16, "foreach", 1, 7),
-        (torch.float32, "fused", 2, 7),  # cut between the two samples of a step
+        pytest.param(torch.float32, "fused", 2, 7, marks=requires_kernels),  # cut between the samples of a step
     ],
 )
 def test_resume_from_state_dict_is_bitwise_identical(dtype, path, mc_samples, cut):
@@ -666,6 +697,7 @@ def test_resume_from_state_dict_is_bitwise_identical(dtype, path, mc_samples, cu
     assert_same_final(ns["final"](model, opt), uninterrupted)
 
 
+@requires_kernels
 def test_resume_in_a_fresh_process_is_bitwise_identical(tmp_path):
     ns: dict = {}
     exec(RESUME_SCRIPT, ns)
@@ -690,3 +722,69 @@ def test_private_generator_is_seeded_from_torch_seed():
             draws.append(model[0].weight.detach().clone())
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     assert math.isfinite(float(draws[0].sum()))
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def test_statistics_every_n_steps_equal_a_brute_force_reduction():
+    model, (x, y) = mlp(), batch()
+    opt = IVON(model.parameters(), lr=0.05, ess=100.0, clip_radius=0.05, stats_every=3)
+    seen = []
+    for step in range(1, 8):
+        train(model, opt, 1, x, y)
+        stats = opt.last_step_stats
+        assert stats["step"] == step and stats["num_samples"] == 1
+        if "hess_mean" in stats:
+            seen.append(step)
+            h = torch.cat([opt.state[p]["hess"].view(-1) for p in model.parameters()])
+            group = opt.param_groups[0]
+            assert stats["hess_mean"] == pytest.approx(h.mean().item(), rel=1e-12)
+            sigma = (group["ess"] * (h + group["weight_decay"])).rsqrt()
+            assert stats["sigma_mean"] == pytest.approx(sigma.mean().item(), rel=1e-12)
+            assert 0.0 <= stats["clip_fraction"] <= 1.0 and stats["grad_norm"] is None
+        else:
+            assert not {"clip_fraction", "hess_mean", "sigma_mean", "grad_norm"} & stats.keys()
+    assert seen == [1, 4, 7]
+
+
+def test_statistics_read_the_state_with_one_host_sync_per_device(monkeypatch):
+    model, (x, y) = mlp(), batch()
+    opt = IVON(model.parameters(), **DEFAULTS, clip_radius=0.05)
+    train(model, opt, 2, x, y)
+    syncs = []
+    for name in ("item", "tolist", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name: syncs.append(_n) or _f(self, *a))
+    stats = opt.last_step_stats
+    monkeypatch.undo()
+    assert syncs == ["tolist"] and set(stats) >= {"clip_fraction", "hess_mean", "sigma_mean", "grad_norm"}
+
+
+def test_old_pickled_optimizer_gets_new_options_back_filled():
+    opt = IVON(mlp().parameters(), **DEFAULTS)
+    state = dict(opt.__dict__)
+    for key in ("stats_every", "_noise_path"):
+        del state[key]
+    fresh = IVON.__new__(IVON)
+    fresh.__setstate__(state)
+    assert fresh.stats_every == 10 and fresh._noise_path is None
+
+
+# ------------------------------------------------------------------------------------ evaluation sampler
+
+
+def test_evaluation_samples_use_the_saved_posteriors_sampler():
+    """IVON's test-time sample equals perturbed_named_params over its (mean, std) with the same generator."""
+    model, (x, y) = mlp(), batch()
+    named = dict(sorted(model.named_parameters()))
+    opt = IVON(named.values(), **DEFAULTS)  # optimizer order = sorted-name order
+    train(model, opt, 3, x, y)
+    names = list(named)
+    stds = {n: opt.posterior_std(p) for n, p in model.named_parameters()}
+    with opt.sampled_params(tau=0.5, generator=torch.Generator().manual_seed(4)):
+        ours = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with sampling.perturbed_named_params(named, stds, tau=0.5,
+                                         generator=torch.Generator().manual_seed(4)):
+        shared = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(torch.equal(ours[n], shared[n]) for n in names)

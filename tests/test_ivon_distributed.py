@@ -15,7 +15,7 @@ from varlora import IVON
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 WORLD, STEPS = 2, 3
-OPTIONS = dict(lr=0.05, ess=100.0, hess_init=0.5, beta2=0.99, weight_decay=1e-3, clip_radius=0.2)
+OPTIONS = dict(lr=0.05, ess=100.0, hess_init=0.5, beta2=0.99, weight_decay=1e-3, clip_radius=0.2, stats_every=1)
 
 
 def setup() -> tuple[nn.Module, nn.Parameter]:

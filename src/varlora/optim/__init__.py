@@ -1,5 +1,7 @@
-"""Optimizers: :class:`IVON` (variational online Newton) and its posterior accessors."""
+"""Optimizers: :class:`IVON` (variational online Newton), its hyper-parameter rules and posterior sampling."""
 
-from varlora.optim.ivon import IVON, ParamPosterior
+from varlora.optim.ivon import IVON, IVON_DEFAULTS, NOISE_PATHS, ParamPosterior, validate_ivon_hyperparameters
+from varlora.optim.sampling import perturbed_named_params, perturbed_params
 
-__all__ = ["IVON", "ParamPosterior"]
+__all__ = ["IVON", "IVON_DEFAULTS", "NOISE_PATHS", "ParamPosterior", "perturbed_named_params", "perturbed_params",
+           "validate_ivon_hyperparameters"]

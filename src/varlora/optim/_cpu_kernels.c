@@ -6,15 +6,18 @@
  *
  * The math is that of _functional.py (same symbols, same operations, fp32 throughout); a tensor argument
  * is an array of `count` pointers to contiguous fp32 arrays of `sizes[k]` elements (one per parameter).
- * Built with -O3 -march=native -fno-math-errno -fopenmp-simd, without -ffast-math: IEEE semantics hold
+ * Built with -O3 -fno-math-errno, the CPU's -march/-mcpu=native and -fopenmp-simd where the compiler takes
+ * them (see _cpu_kernels.py), never -ffast-math: IEEE semantics hold
  * (NaN and inf propagate, 1/sqrtf is exact); the compiler may contract a*b+c into an FMA, as PyTorch's
  * vectorised CPU kernels do, so results agree with the eager path to rounding, not bit for bit.
  */
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__x86_64__) && defined(__GLIBC__)
-/* glibc's libmvec has SIMD versions of these; math.h declares them only under -ffast-math. */
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) && !defined(VL_NO_LIBMVEC)
+/* glibc's libmvec has SIMD versions of these; math.h declares them only under -ffast-math. Without libmvec
+ * (-DVL_NO_LIBMVEC, or another compiler or C library) the loops below call the scalar libm: same results
+ * to rounding, slower. */
 __attribute__((simd("notinbranch"))) float logf(float);
 __attribute__((simd("notinbranch"))) float sinf(float);
 __attribute__((simd("notinbranch"))) float cosf(float);
@@ -37,7 +40,8 @@ static uint64_t splitmix64(uint64_t *x) {
  * 32-bit value per round; the top 24 bits make a uniform u in (0, 1) (centred on the 2^-24 grid, so never
  * 0 or 1, |z| <= 5.9). Box-Muller turns each pair (u1, u2) of lanes into two normals:
  * r = sqrt(-2 ln u1), z1 = r cos(2 pi u2), z2 = r sin(2 pi u2). The lane loops vectorise (libmvec's
- * logf/sinf/cosf on x86-64 glibc), about 0.4-0.7 ns a value on one core. */
+ * logf/sinf/cosf on x86-64 glibc), about 0.4-0.7 ns a value on one core. Each call is single-threaded:
+ * the caller splits a draw into seeded substreams. */
 void vl_fill_normal(float *out, int64_t n, uint64_t seed) {
     uint32_t s0[LANES], s1[LANES], s2[LANES], s3[LANES];
     for (int l = 0; l < LANES; l++) {

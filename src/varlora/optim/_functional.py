@@ -23,17 +23,15 @@ momentum, :math:`\lambda` ``ess``, :math:`\delta` ``weight_decay``,
 from __future__ import annotations
 
 import math
-import os
-import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
-from varlora.optim import _cpu_kernels
+from varlora.optim import _cpu_kernels, _threads
 
-__all__ = ["CHUNK", "NOISE_STREAMS", "accumulate_", "fill_normal_", "flat_view", "perturb_", "update_"]
+__all__ = ["CHUNK", "NOISE_STREAMS", "accumulate_", "fill_normal_", "flat_view", "hessian_sums", "perturb_",
+           "update_"]
 
 #: Number of independent substreams a CPU noise draw is split into (fixed, so values never depend on threads).
 NOISE_STREAMS = 8
@@ -42,27 +40,6 @@ CHUNK = 1 << 18
 # Below this many elements a CPU draw runs in the calling thread (same values, no thread overhead).
 _PARALLEL_MIN_NUMEL = 1 << 17
 _SEED_BOUND = 1 << 62
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _reset_pool() -> None:
-    global _pool
-    _pool = None
-
-
-if hasattr(os, "register_at_fork"):  # a forked child inherits the pool object but not its threads
-    os.register_at_fork(after_in_child=_reset_pool)
-
-
-def _thread_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=NOISE_STREAMS, thread_name_prefix="varlora-noise")
-        return _pool
-
 
 def fill_normal_(tensors: Sequence[Tensor], generator: torch.Generator, fused: bool = False) -> None:
     r"""Fill ``tensors`` in place with independent :math:`\mathcal N(0, 1)` draws taken from ``generator``.
@@ -114,10 +91,7 @@ def fill_normal_(tensors: Sequence[Tensor], generator: torch.Generator, fused: b
             for chunk in chunks[k]:
                 chunk.normal_(generator=gen)
 
-    if workers > 1:
-        list(_thread_pool().map(fill, range(workers)))
-    else:
-        fill(0)
+    _threads.run(fill, workers)
 
 
 def flat_view(tensors: list[Tensor]) -> Tensor | None:
@@ -193,10 +167,11 @@ def _hessian_kernel_(
 
 
 def _direction_kernel_(
-    u: Tensor, out: Tensor, mom: Tensor, h: Tensor, *, weight_decay: float, radius: float
+    u: Tensor, out: Tensor, mom: Tensor, h: Tensor, *, weight_decay: float, radius: float, count: bool
 ) -> Tensor | None:
     """out ← clip(u/(h+δ), ±radius) with u = ḡ + δbm (δ > 0, filled by the caller), or ḡ/h (δ = 0, u is
-    then scratch). Returns the number of clipped entries (None without clipping); u is scratch after."""
+    then scratch). Returns the number of clipped entries (None without clipping or without ``count``); u is
+    scratch after."""
     if weight_decay:
         u.div_(torch.add(h, weight_decay, out=out))
     else:
@@ -205,7 +180,7 @@ def _direction_kernel_(
         out.copy_(u)
         return None
     torch.clamp(u, -radius, radius, out=out)
-    return _count_nonzero_(u.sub_(out))  # nonzero where the clip acted
+    return _count_nonzero_(u.sub_(out)) if count else None  # nonzero where the clip acted
 
 
 def _count_nonzero_(x: Tensor) -> Tensor:
@@ -340,6 +315,7 @@ def update_(
     hess_approx: str,
     foreach: bool,
     fused: bool = False,
+    count_clipped: bool = True,
 ) -> Tensor | None:
     r"""One IVON update of :math:`\bar g`, :math:`h` and :math:`m`, in place.
 
@@ -362,7 +338,8 @@ def update_(
 
     Returns:
         The number of coordinates whose update was clipped (a 0-dim int64 tensor, not synchronised), or
-        ``None`` when ``clip_radius`` is infinite.
+        ``None`` when ``clip_radius`` is infinite or ``count_clipped`` is False (then the torch paths skip the
+        counting pass; the fused kernel counts for free).
     """
     if hess_approx not in ("price", "gradsq"):
         raise ValueError(f"Invalid hess_approx: {hess_approx!r}")
@@ -373,7 +350,7 @@ def update_(
         count = _cpu_kernels.update(means, grad_sums, hess_sums, momenta, hessians, num_samples=num_samples,
                                     hess_scale=hess_scale, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
                                     radius=radius, bias_correction=bias_correction, lr=lr, price=price)
-        return torch.tensor(count) if math.isfinite(radius) else None
+        return torch.tensor(count) if math.isfinite(radius) and count_clipped else None
     state = _state_lists(foreach, hessians, momenta, grad_sums, hess_sums)
     hessian_options = dict(
         num_samples=num_samples,
@@ -395,11 +372,12 @@ def update_(
             for u, mom, m in zip(grad_sums, momenta, means, strict=True):
                 torch.add(mom, m, alpha=weight_decay * bias_correction, out=u)
         for h, mom, u, out in state:
-            counts.append(_direction_kernel_(u, out, mom, h, weight_decay=weight_decay, radius=radius))
+            counts.append(_direction_kernel_(u, out, mom, h, weight_decay=weight_decay, radius=radius,
+                                             count=count_clipped))
     else:  # both kernels chunk by chunk
         for h, mom, g, e in state:
             _hessian_kernel_(h, mom, g, e, **hessian_options)
-            counts.append(_direction_kernel_(g, e, mom, h, weight_decay=0.0, radius=radius))
+            counts.append(_direction_kernel_(g, e, mom, h, weight_decay=0.0, radius=radius, count=count_clipped))
     clipped = None if not counts or counts[0] is None else torch.stack(counts).sum()
     if foreach:  # m ← m − α/b·clip((ḡ + δbm)/(h+δ), ±ρb)
         torch._foreach_add_(means, hess_sums, alpha=-lr / bias_correction)
@@ -407,3 +385,16 @@ def update_(
         for m, step in zip(means, hess_sums, strict=True):
             m.add_(step, alpha=-lr / bias_correction)
     return clipped
+
+
+def hessian_sums(hessians: list[Tensor], *, ess: float, weight_decay: float) -> Tensor:
+    r""":math:`(\sum h,\ \sum \sigma)` with :math:`\sigma = 1/\sqrt{\lambda(h+\delta)}` over ``hessians``, as a
+    float64 tensor of 2 on their device (no host sync): one pass over the flat buffer they tile (in
+    :data:`CHUNK`-element pieces, so the temporary stays small), or over each tensor."""
+    flat = flat_view(hessians)
+    pieces = flat.split(CHUNK) if flat is not None else [h.reshape(-1) for h in hessians]
+    out = torch.zeros(2, dtype=torch.float64, device=hessians[0].device)
+    for h in pieces:
+        out[0] += h.sum(dtype=torch.float64)
+        out[1] += torch.add(h, weight_decay).mul_(ess).rsqrt_().sum(dtype=torch.float64)
+    return out

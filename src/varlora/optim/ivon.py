@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
@@ -24,12 +25,31 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from varlora.optim import _cpu_kernels
+from varlora.optim import _cpu_kernels, sampling
 from varlora.optim import _functional as F
 
-__all__ = ["IVON", "ParamPosterior"]
+__all__ = ["IVON", "IVON_DEFAULTS", "NOISE_PATHS", "ParamPosterior", "validate_ivon_hyperparameters"]
 
 HESS_APPROXES = ("price", "gradsq")
+#: How the optimizer draws its CPU fp32 training noise (recorded in the state dict, see ``IVON``).
+NOISE_PATHS = ("fused", "torch")
+
+#: The defaults of IVON's optional hyper-parameters: those of the reference implementation (``ivon-opt``) and
+#: of the paper's Algorithm 1, so that ``IVON`` is a drop-in replacement. ``lr`` and ``ess`` have none.
+#: Recipes for short LoRA runs choose other values on purpose (see ``varlora.config``).
+IVON_DEFAULTS: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        "hess_init": 1.0,
+        "beta1": 0.9,
+        "beta2": 0.99999,
+        "weight_decay": 1e-4,
+        "mc_samples": 1,
+        "hess_approx": "price",
+        "clip_radius": math.inf,
+        "rescale_lr": True,
+        "debias": True,
+    }
+)
 
 # Per-group options that may be missing from groups of older checkpoints, with the value they then take.
 _BACKFILL: dict[str, Any] = {"hess_approx": "price", "rescale_lr": True, "debias": True, "foreach": None}
@@ -75,40 +95,68 @@ def _mix_seed(*values: int) -> int:
 
 
 def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a real number)")
     try:
         return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"Invalid {name}: {value!r} (expected a real number)") from None
 
 
+def _in(name: str, value: Any, ok: Callable[[float], bool], rule: str) -> None:
+    if not ok(_real(name, value)):
+        raise ValueError(f"Invalid {name}: {value!r} ({rule})")
+
+
+def _fail(name: str, value: Any, rule: str) -> None:
+    raise ValueError(f"Invalid {name}: {value!r} ({rule})")
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a bool)")
+
+
+_RULES: dict[str, Callable[[Any], None]] = {
+    "lr": lambda v: _in("lr", v, lambda x: 0.0 <= x < math.inf, "must be finite and >= 0"),
+    "ess": lambda v: _in("ess", v, lambda x: 0.0 < x < math.inf, "must be finite and > 0"),
+    "hess_init": lambda v: _in("hess_init", v, lambda x: 0.0 < x < math.inf, "must be finite and > 0"),
+    "beta1": lambda v: _in("beta1", v, lambda x: 0.0 <= x < 1.0, "must be in [0, 1)"),
+    "beta2": lambda v: _in("beta2", v, lambda x: 0.0 <= x <= 1.0, "must be in [0, 1]"),
+    "weight_decay": lambda v: _in("weight_decay", v, lambda x: 0.0 <= x < math.inf, "must be finite and >= 0"),
+    "clip_radius": lambda v: _in("clip_radius", v, lambda x: x > 0.0, "must be > 0, inf for no clipping"),
+    "mc_samples": lambda v: None
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    else _fail("mc_samples", v, "must be an int >= 1"),
+    "hess_approx": lambda v: None
+    if v in HESS_APPROXES
+    else _fail("hess_approx", v, f"expected one of {HESS_APPROXES}"),
+    "rescale_lr": lambda v: _flag("rescale_lr", v),
+    "debias": lambda v: _flag("debias", v),
+}
+
+
+def validate_ivon_hyperparameters(**kwargs: Any) -> None:
+    """Raise ``ValueError`` naming the first invalid IVON hyper-parameter and its value (``Invalid beta1: 1.0
+    (must be in [0, 1))``); the one definition of their valid ranges, used by :class:`IVON` for its arguments
+    and every parameter group.
+
+    Accepts any subset of ``lr`` (finite, >= 0: a schedule may decay it to 0), ``ess`` (finite, > 0),
+    ``hess_init`` (finite, > 0), ``beta1`` ([0, 1)), ``beta2`` ([0, 1]), ``weight_decay`` (finite, >= 0),
+    ``clip_radius`` (> 0, ``inf`` for none), ``mc_samples`` (int >= 1), ``hess_approx`` (one of
+    ``"price"``, ``"gradsq"``), ``rescale_lr`` and ``debias`` (bools); an unknown name is a ``ValueError``
+    too. Defaults of the optional ones: :data:`IVON_DEFAULTS`.
+    """
+    for name, value in kwargs.items():
+        rule = _RULES.get(name)
+        if rule is None:
+            raise ValueError(f"Unknown IVON hyper-parameter: {name!r} (expected one of {sorted(_RULES)})")
+        rule(value)
+
+
 def _check_options(opts: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the first invalid per-group option."""
-    lr = _real("learning rate", opts["lr"])
-    if not 0.0 <= lr < math.inf:
-        raise ValueError(f"Invalid learning rate: {opts['lr']!r} (must be finite and >= 0)")
-    ess = _real("effective sample size", opts["ess"])
-    if not 0.0 < ess < math.inf:
-        raise ValueError(f"Invalid effective sample size (ess): {opts['ess']!r} (must be finite and > 0)")
-    hess_init = _real("hess_init", opts["hess_init"])
-    if not 0.0 < hess_init < math.inf:
-        raise ValueError(f"Invalid Hessian initialisation (hess_init): {opts['hess_init']!r} (must be > 0)")
-    beta1 = _real("beta1", opts["beta1"])
-    if not 0.0 <= beta1 < 1.0:
-        raise ValueError(f"Invalid beta1: {opts['beta1']!r} (must be in [0, 1))")
-    beta2 = _real("beta2", opts["beta2"])
-    if not 0.0 <= beta2 <= 1.0:
-        raise ValueError(f"Invalid beta2: {opts['beta2']!r} (must be in [0, 1])")
-    weight_decay = _real("weight_decay", opts["weight_decay"])
-    if not 0.0 <= weight_decay < math.inf:
-        raise ValueError(f"Invalid weight_decay: {opts['weight_decay']!r} (must be finite and >= 0)")
-    clip_radius = _real("clip_radius", opts["clip_radius"])
-    if not clip_radius > 0.0:
-        raise ValueError(f"Invalid clip_radius: {opts['clip_radius']!r} (must be > 0, inf for no clipping)")
-    if opts["hess_approx"] not in HESS_APPROXES:
-        raise ValueError(f"Invalid hess_approx: {opts['hess_approx']!r} (expected one of {HESS_APPROXES})")
-    for key in ("rescale_lr", "debias"):
-        if not isinstance(opts[key], bool):
-            raise ValueError(f"Invalid {key}: {opts[key]!r} (expected a bool)")
+    validate_ivon_hyperparameters(**{k: opts[k] for k in _RULES if k in opts})
     if opts["foreach"] is not None and not isinstance(opts["foreach"], bool):
         raise ValueError(f"Invalid foreach: {opts['foreach']!r} (expected None or a bool)")
 
@@ -193,10 +241,16 @@ class IVON(torch.optim.Optimizer):
     optimizer creates private generators seeded from ``torch.initial_seed()`` when noise is first drawn (mixed
     with the rank when ``sync`` is on, so that ranks draw different noise). Generators for further devices are
     seeded from the first. Their states are part of :meth:`state_dict`, so a resumed run draws the same noise.
-    On CPU a draw is split into :data:`~varlora.optim._functional.NOISE_STREAMS` fixed substreams seeded from
-    the generator, which lets it run on several threads (see :func:`~varlora.optim._functional.fill_normal_`);
-    with the fused kernels the substreams come from their vectorised generator (see ``fused``), so a run
-    resumes bit for bit on the same machine, while fused and unfused runs draw different noise.
+    On CPU a training draw is split into :data:`~varlora.optim._functional.NOISE_STREAMS` fixed substreams
+    seeded from the generator, which lets it run on several threads (see
+    :func:`~varlora.optim._functional.fill_normal_`). The substreams of fp32 noise (that of fp32, bf16 and fp16
+    parameters) come either from torch's generator or from the fused kernels' vectorised one: other values,
+    the same distribution. This *noise path* (``"fused"`` or ``"torch"``) is chosen at the first such draw
+    (``"fused"`` when ``fused`` is not False and the kernels build) and kept; it is part of
+    :meth:`state_dict`, and :meth:`load_state_dict` continues on the saved path. If that is impossible (a
+    ``"fused"`` state dict, ``fused=None`` and no C compiler here) it raises ``RuntimeError``; the way
+    through is ``IVON(..., fused=False)``, which resumes on torch's generator with a ``UserWarning`` (as does
+    any explicit ``fused`` that contradicts the saved path): the run then continues with other noise.
 
     **Distributed.** With ``sync=True`` and an initialised default process group, every rank draws its own
     noise and, at ``step()``, the gradient sums :math:`\sum_s g_s` and Hessian sums are all-reduced and
@@ -225,14 +279,19 @@ class IVON(torch.optim.Optimizer):
         sync: all-reduce the estimates across ranks (see above). Default: False.
         foreach: use the ``torch._foreach_*`` path; ``None`` picks it (it is faster on CPU and GPU).
         generator: the noise source; ``None`` for private, deterministically seeded generators.
-        fused: run contiguous fp32 CPU parameters through compiled one-pass kernels
-            (:mod:`~varlora.optim._cpu_kernels`, built on first use with the system C compiler) instead of
-            the ``torch`` paths: the same update to rounding, ~2.4x faster (``benchmarks/optimizer_step.py``),
-            with noise from a vectorised generator (other values, the same distribution). ``None``: when the
-            kernels build (otherwise the foreach path, with a warning); ``True``: raise
-            :class:`~varlora.optim._cpu_kernels.KernelBuildError` if they do not; ``False``: never. Other
-            parameters (GPU, bf16, fp64) take the torch paths (the fp32 noise of bf16/fp16 CPU parameters still
-            comes from the fused generator).
+        fused: use the compiled one-pass CPU kernels (:mod:`~varlora.optim._cpu_kernels`, built on first use
+            with the system C compiler, run on ``torch.get_num_threads()`` threads) instead of the ``torch``
+            paths: the same update to rounding, faster than the foreach path at 1 and 2 threads
+            (``benchmarks/optimizer_step.py``), and the fused noise path (see **Noise**). ``None``: when the
+            kernels build (otherwise the torch paths, with a warning); ``True``: raise
+            :class:`~varlora.optim._cpu_kernels.KernelBuildError` if they do not; ``False``: never. The rule
+            for each phase of a step is one: it runs fused iff every tensor it touches is a contiguous fp32
+            CPU tensor. So fp32 CPU parameters run fused throughout; for bf16/fp16 CPU parameters the noise
+            (fp32) and the update (fp32 state and master mean) run fused while the perturbation and the
+            gradient accumulation (which touch the bf16 tensors) take the torch path; fp64 and GPU parameters
+            take the torch paths.
+        stats_every: compute the statistics of :attr:`last_step_stats` on steps 1, N+1, 2N+1, ... (N >= 1).
+            Default: 10.
 
     Beyond ``torch.optim``: :meth:`sampled_params` (training and evaluation samples), :meth:`posterior`,
     :meth:`posterior_mean` and :meth:`posterior_std` (the posterior, e.g. to save it or sample outside the
@@ -248,19 +307,20 @@ class IVON(torch.optim.Optimizer):
         params: ParamsT,
         lr: float,
         ess: float,
-        hess_init: float = 1.0,
-        beta1: float = 0.9,
-        beta2: float = 0.99999,
-        weight_decay: float = 1e-4,
-        mc_samples: int = 1,
-        hess_approx: str = "price",
-        clip_radius: float = float("inf"),
-        rescale_lr: bool = True,
-        debias: bool = True,
+        hess_init: float = IVON_DEFAULTS["hess_init"],
+        beta1: float = IVON_DEFAULTS["beta1"],
+        beta2: float = IVON_DEFAULTS["beta2"],
+        weight_decay: float = IVON_DEFAULTS["weight_decay"],
+        mc_samples: int = IVON_DEFAULTS["mc_samples"],
+        hess_approx: str = IVON_DEFAULTS["hess_approx"],
+        clip_radius: float = IVON_DEFAULTS["clip_radius"],
+        rescale_lr: bool = IVON_DEFAULTS["rescale_lr"],
+        debias: bool = IVON_DEFAULTS["debias"],
         sync: bool = False,
         foreach: bool | None = None,
         generator: torch.Generator | None = None,
         fused: bool | None = None,
+        stats_every: int = 10,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -276,8 +336,9 @@ class IVON(torch.optim.Optimizer):
             foreach=foreach,
         )
         _check_options(defaults)
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"Invalid number of MC samples (mc_samples): {mc_samples!r} (must be an int >= 1)")
+        validate_ivon_hyperparameters(mc_samples=mc_samples)
+        if isinstance(stats_every, bool) or not isinstance(stats_every, int) or stats_every < 1:
+            raise ValueError(f"Invalid stats_every: {stats_every!r} (must be an int >= 1)")
         if not isinstance(sync, bool):
             raise ValueError(f"Invalid sync: {sync!r} (expected a bool)")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -287,7 +348,9 @@ class IVON(torch.optim.Optimizer):
         if fused:
             _cpu_kernels.load()  # KernelBuildError now rather than at the first step
         self.fused = fused
+        self.stats_every = stats_every
         self._warned_unfused = False
+        self._noise_path: str | None = None  # NOISE_PATHS entry, fixed at the first CPU fp32 training draw
         self.mc_samples = mc_samples
         self.sync = sync
         self._generator = generator  # the user's generator, None for private ones
@@ -300,7 +363,7 @@ class IVON(torch.optim.Optimizer):
         self._num_samples = 0  # training samples consumed since the last step
         self._num_steps = 0  # step() calls so far
         self._grad_norms: list[Tensor] = []  # pre-clip gradient norms of this step's samples (max_grad_norm)
-        self._raw_stats: dict[str, Any] = {}  # what the last step measured, finished lazily
+        self._raw_stats: dict[str, Any] = {}  # what the last step measured, on device, finished lazily
         self._stats: dict[str, Any] | None = None  # last_step_stats, once computed
         super().__init__(params, defaults)
 
@@ -326,6 +389,8 @@ class IVON(torch.optim.Optimizer):
             ("mc_samples", 1),
             ("sync", False),
             ("fused", None),
+            ("stats_every", 10),
+            ("_noise_path", None),
             ("_warned_unfused", False),
             ("_generator", None),
             ("_sample", None),
@@ -448,7 +513,8 @@ class IVON(torch.optim.Optimizer):
             gen = generator if generator is not None else self._generator_for(device)
             flat = F.flat_view(ts)  # same values as the list, fewer slices
             if gen.device == device:
-                F.fill_normal_([flat] if flat is not None else ts, gen, fused=self._fused(ts))
+                fused = _cpu_kernels.supports(ts) and self._noise_fused()
+                F.fill_normal_([flat] if flat is not None else ts, gen, fused=fused)
             else:  # an explicit generator on another device: draw there and copy
                 drawn = [torch.empty(t.shape, dtype=t.dtype, device=gen.device) for t in ts]
                 F.fill_normal_(drawn, gen)
@@ -478,10 +544,13 @@ class IVON(torch.optim.Optimizer):
                 accumulated in ``p.grad`` (by one or several ``backward()``) are passed through
                 ``grad_transform`` and ``max_grad_norm``, then consumed into the step's sums and reset to
                 ``None``. ``step()`` needs ``mc_samples`` training contexts.
-            tau: variance scale :math:`\tau \ge 0` for evaluation samples; ``tau=0`` leaves the weights
-                exactly at the mean and draws no noise. Training samples need ``tau=1``.
+            tau: variance scale :math:`\tau \in [0, 1]` for evaluation samples; ``tau=0`` leaves the weights
+                exactly at the mean. Training samples need ``tau=1``.
             generator: draw the noise from this generator instead of the optimizer's (e.g. to keep evaluation
-                from advancing the training noise stream).
+                from advancing the training noise stream). Evaluation samples (``train=False``) are drawn by
+                :func:`varlora.optim.sampling.perturbed_params`, the sampler of the saved posterior: one
+                float32 ``torch.randn`` per sampled parameter in optimizer order, on the generator's device
+                (default: the optimizer's CPU generator), consumed even with ``tau=0``.
             noise: explicit standard-normal draws :math:`\epsilon`, one tensor per sampled parameter (those
                 with ``requires_grad``, in ``param_groups`` order), instead of drawing them (common random
                 numbers, tests, external samplers).
@@ -493,15 +562,17 @@ class IVON(torch.optim.Optimizer):
                 with :func:`torch.nn.utils.clip_grad_norm_`, after ``grad_transform``. The pre-clip norms are
                 reported in :attr:`last_step_stats` as ``grad_norm`` (mean over the step's samples).
         """
-        tau = _real("tau", tau)
-        if not 0.0 <= tau < math.inf:
-            raise ValueError(f"Invalid tau: {tau!r} (must be finite and >= 0)")
+        tau = sampling.check_tau(tau)
         if train and tau != 1.0:
             raise ValueError(f"Invalid tau for a training sample: {tau!r} (training samples need tau=1)")
         if max_grad_norm is not None and not _real("max_grad_norm", max_grad_norm) > 0.0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be > 0)")
         if self._sample is not None:
             raise RuntimeError("sampled_params() contexts cannot be nested")
+        if not train:
+            with self._evaluation_sample(tau, generator, noise):
+                yield
+            return
         with torch.no_grad():
             sample = self._begin_sample(train, tau, generator, noise)
         self._sample = sample
@@ -516,6 +587,31 @@ class IVON(torch.optim.Optimizer):
         if train:
             with torch.no_grad():
                 self._consume(sample)
+
+    @contextmanager
+    def _evaluation_sample(
+        self, tau: float, generator: torch.Generator | None, noise: Sequence[Tensor] | None
+    ) -> Iterator[None]:
+        """A test-time sample through :func:`varlora.optim.sampling.perturbed_params`, the saved posterior's
+        sampler: ε drawn float32 per parameter, in optimizer order, from ``generator`` (default: the
+        optimizer's CPU generator)."""
+        sampled = self._sampled()
+        params = [p for _, p in sampled]
+        if noise is not None and len(noise) != len(params):
+            raise ValueError(f"noise has {len(noise)} tensors for {len(params)} sampled parameters")
+        with torch.no_grad():
+            states = self._init_states(sampled)
+            stds = [self._std(p, self.param_groups[gi]) for gi, p in sampled]
+        means = [state.get("mean", p) for state, p in zip(states, params, strict=True)]
+        if noise is None and generator is None:
+            generator = self._generator_for(torch.device("cpu"))
+        self._sample = _OpenSample(False, params, [gi for gi, _ in sampled], None, None)
+        try:
+            with sampling.perturbed_params(params, stds, tau=tau, generator=None if noise is not None else generator,
+                                           noise=noise, means=means):
+                yield
+        finally:
+            self._sample = None
 
     def _begin_sample(
         self, train: bool, tau: float, generator: torch.Generator | None, noise: Sequence[Tensor] | None
@@ -660,7 +756,10 @@ class IVON(torch.optim.Optimizer):
             num_samples = self._all_reduce_sums([p for _, p in sampled])
         todo = [(gi, p) for gi, p in sampled if "grad_sum" in self.state[p]]
         params = [p for _, p in todo]
-        clipped: list[Tensor] = []
+        self._num_steps += 1
+        with_stats = (self._num_steps - 1) % self.stats_every == 0
+        # per device: [clipped coordinates, Σh, Σσ, mean pre-clip gradient norm], summed without a host sync
+        sums: dict[torch.device, Tensor] = {}
         numel = 0
         for (gi, *_), idx in self._buckets(params, [gi for gi, _ in todo], by_step=True).items():
             group = self.param_groups[gi]
@@ -689,21 +788,30 @@ class IVON(torch.optim.Optimizer):
                 hess_approx=group["hess_approx"],
                 foreach=self._foreach(group),
                 fused=self._fused(means, grad_sums, hess_sums, momenta, hessians),
+                count_clipped=with_stats,
             )
-            if count is not None:
-                clipped.append(count)
+            if with_stats:
+                acc = sums.setdefault(hessians[0].device, torch.zeros(4, dtype=torch.float64,
+                                                                      device=hessians[0].device))
+                if count is not None:
+                    acc[0] += count.to(acc.device)
+                acc[1:3] += F.hessian_sums(hessians, ess=group["ess"], weight_decay=group["weight_decay"])
             numel += sum(params[i].numel() for i in idx)
             for i, state in zip(idx, states, strict=True):
                 if "mean" in state:
                     params[i].copy_(state["mean"])
+        norms = self._grad_norms
+        if with_stats and norms:
+            norm = torch.stack([n.detach().double().to(norms[0].device) for n in norms]).mean()
+            sums.setdefault(norm.device, torch.zeros(4, dtype=torch.float64, device=norm.device))[3] += norm
         self._num_samples = 0
-        self._num_steps += 1
         self._raw_stats = dict(
+            step=self._num_steps,
             num_samples=num_samples,
-            clipped=clipped,
-            numel=numel,
             skipped=len(sampled) - len(todo),
-            grad_norms=self._grad_norms,
+            numel=numel,
+            sums=sums if with_stats else None,
+            grad_norm=bool(norms),
         )
         self._grad_norms = []
         self._stats = None
@@ -738,18 +846,48 @@ class IVON(torch.optim.Optimizer):
     def _foreach(self, group: dict[str, Any]) -> bool:
         return True if group["foreach"] is None else group["foreach"]
 
-    def _fused(self, *lists: Sequence[Tensor]) -> bool:
-        """Whether the compiled kernels take these tensors: ``fused`` is not False, they are all contiguous
-        fp32 CPU tensors, and the kernels build (with ``fused=None``, a failed build means the foreach path,
-        with one warning)."""
-        if self.fused is False or not _cpu_kernels.supports(*lists):
+    def _kernels_usable(self) -> bool:
+        """``fused`` is not False and the kernels build (with ``fused=None``, a failed build means the torch
+        paths, with one warning)."""
+        if self.fused is False:
             return False
         if not _cpu_kernels.available():
             if not self._warned_unfused:
-                warnings.warn(f"IVON runs without its fused CPU kernels: {_cpu_kernels.build_error()}", stacklevel=3)
+                warnings.warn(f"IVON runs without its fused CPU kernels: {_cpu_kernels.build_error()}", stacklevel=4)
                 self._warned_unfused = True
             return False
         return True
+
+    def _fused(self, *lists: Sequence[Tensor]) -> bool:
+        """Whether the compiled kernels take these tensors: all contiguous fp32 CPU tensors, kernels usable."""
+        return _cpu_kernels.supports(*lists) and self._kernels_usable()
+
+    def _noise_fused(self) -> bool:
+        """Whether CPU fp32 training noise comes from the fused generator; the choice (:data:`NOISE_PATHS`) is
+        made at the first such draw and kept, and recorded in :meth:`state_dict`."""
+        if self._noise_path is None:
+            self._noise_path = "fused" if self._kernels_usable() else "torch"
+        return self._noise_path == "fused"
+
+    def _adopt_noise_path(self, saved: str) -> None:
+        """Continue with the noise path of a loaded state dict, or say clearly why and how not."""
+        if saved not in NOISE_PATHS:
+            raise ValueError(f"Invalid noise_path in the state dict: {saved!r} (expected one of {NOISE_PATHS})")
+        if self.fused is None and saved == "fused" and not _cpu_kernels.available():
+            raise RuntimeError(
+                "this state dict drew its training noise with the fused kernels' generator, which cannot be had "
+                f"here ({_cpu_kernels.build_error()}). Make a C compiler available ($CC) to resume the run exactly, "
+                "or construct IVON(..., fused=False) to resume it with torch's generator (other noise from here on)"
+            )
+        wanted = {None: saved, True: "fused", False: "torch"}[self.fused]
+        if wanted != saved:
+            warnings.warn(
+                f"the state dict drew its training noise on the {saved!r} path and this optimizer (fused="
+                f"{self.fused}) continues on the {wanted!r} path: the noise from here on differs from that of an "
+                "uninterrupted run (same distribution). Construct IVON with fused=None to keep the saved path.",
+                stacklevel=3,
+            )
+        self._noise_path = wanted
 
     def _buckets(
         self, params: list[Tensor], groups: list[int], by_step: bool = False
@@ -798,35 +936,35 @@ class IVON(torch.optim.Optimizer):
 
     @property
     def last_step_stats(self) -> dict[str, Any]:
-        r"""Diagnostics of the last ``step()``, computed on first access (``{}`` before any step).
+        r"""Diagnostics of the last ``step()`` (``{}`` before any step).
 
-        Keys: ``step`` (number of ``step()`` calls), ``num_samples`` (samples averaged, over all ranks with
-        ``sync``), ``clip_fraction`` (fraction of updated coordinates whose update hit ``clip_radius``; 0
-        when no group clips), ``hess_mean`` (mean of :math:`h`) and ``sigma_mean`` (mean of :math:`\sigma`)
-        over all sampled coordinates, ``skipped_params`` (parameters without a gradient in the step) and
-        ``grad_norm`` (mean pre-clip gradient norm of the samples when ``max_grad_norm`` was used, else
-        None). The trainer should log ``clip_fraction``: near 1, IVON degenerates into
+        Always: ``step`` (number of ``step()`` calls), ``num_samples`` (samples averaged, over all ranks with
+        ``sync``) and ``skipped_params`` (parameters without a gradient in the step). On the steps
+        :math:`1, N+1, 2N+1, \ldots` with :math:`N` = ``stats_every`` also ``clip_fraction`` (fraction of the
+        step's updated coordinates whose update hit ``clip_radius``; 0 when no group clips), ``hess_mean`` and
+        ``sigma_mean`` (means of :math:`h` and :math:`\sigma` over those coordinates) and ``grad_norm`` (mean
+        pre-clip gradient norm of the samples when ``max_grad_norm`` was used, else None); on other steps these
+        keys are absent, so a training loop logs them when present. ``step()`` computes them as one reduction
+        over the flat state buffers left on the device; reading this property costs one host sync per device
+        (once per step). The trainer should log ``clip_fraction``: near 1, IVON degenerates into
         :math:`\alpha\rho\,\mathrm{sign}(\bar g)` and ``clip_radius`` is too small.
         """
         if self._stats is None and self._raw_stats:
             raw = self._raw_stats
-            hess_sum = sigma_sum = 0.0
-            count = 0
-            with torch.no_grad():
-                for gi, p in self._sampled():
-                    hess_sum += float(self._hess(p, self.param_groups[gi]).sum())
-                    sigma_sum += float(self._std(p, self.param_groups[gi]).sum())
-                    count += p.numel()
-            norms = raw["grad_norms"]
-            self._stats = dict(
-                step=self._num_steps,
-                num_samples=raw["num_samples"],
-                clip_fraction=sum(int(c.item()) for c in raw["clipped"]) / raw["numel"] if raw["numel"] else 0.0,
-                hess_mean=hess_sum / count if count else float("nan"),
-                sigma_mean=sigma_sum / count if count else float("nan"),
-                skipped_params=raw["skipped"],
-                grad_norm=float(torch.stack([n.float().cpu() for n in norms]).mean()) if norms else None,
-            )
+            stats = dict(step=raw["step"], num_samples=raw["num_samples"], skipped_params=raw["skipped"])
+            if raw["sums"] is not None:
+                clipped = hess_sum = sigma_sum = norm = 0.0
+                for acc in raw["sums"].values():
+                    c, h, sg, n = acc.tolist()
+                    clipped, hess_sum, sigma_sum, norm = clipped + c, hess_sum + h, sigma_sum + sg, norm + n
+                count = raw["numel"]
+                stats |= dict(
+                    clip_fraction=clipped / count if count else 0.0,
+                    hess_mean=hess_sum / count if count else float("nan"),
+                    sigma_mean=sigma_sum / count if count else float("nan"),
+                    grad_norm=norm if raw["grad_norm"] else None,
+                )
+            self._stats = stats
         return dict(self._stats or {})
 
     # ----------------------------------------------------------------------------------------- state dicts
@@ -845,6 +983,7 @@ class IVON(torch.optim.Optimizer):
             "num_samples": self._num_samples,
             "num_steps": self._num_steps,
             "generators": {key: gen.get_state() for key, gen in self._generators.items()},
+            "noise_path": self._noise_path,
         }
         return out
 
@@ -856,6 +995,8 @@ class IVON(torch.optim.Optimizer):
             raise RuntimeError("load_state_dict() cannot be called inside sampled_params()")
         state_dict = dict(state_dict)
         extra = state_dict.pop("ivon", {})
+        if extra.get("noise_path") is not None:  # None: no CPU fp32 training draw yet, or an older state dict
+            self._adopt_noise_path(extra["noise_path"])
         saved_state = state_dict.get("state", {})
         super().load_state_dict({**state_dict, "state": {}})
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
