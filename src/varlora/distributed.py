@@ -1,9 +1,13 @@
-"""Data-parallel training over several processes with ``torch.distributed`` (launch with ``torchrun``).
+"""Data-parallel training over several processes with ``torch.distributed`` (torchrun or accelerate launch).
 
-``torchrun --nproc-per-node N -m varlora.cli train ...`` (or ``... experiment PRESET``) starts N ranks;
-:func:`init` joins them (NCCL on CUDA, one GPU per rank; gloo on CPU). Every rank holds the same LoRA weights
-and takes ``batch_size / N`` examples of each global batch, so a step uses the same examples as a
-single-process run:
+``torchrun --nproc-per-node N -m varlora.cli train ...`` (or ``... experiment PRESET``) starts N ranks, and so
+does ``accelerate launch --multi_gpu --num_processes N -m varlora.cli train ...`` (torchrun underneath; on a
+machine without GPUs the ranks are CPU processes). ``accelerate launch --cpu --num_processes N`` starts one process
+unless it is given ``--mpirun_hostfile``; then mpirun starts the N and describes them in MPI variables
+(OpenMPI ``OMPI_COMM_WORLD_*``, Intel MPI/MPICH ``PMI_*``, MVAPICH ``MV2_COMM_WORLD_*``), read like accelerate
+reads them (:func:`launch_env`). :func:`init` joins the ranks (NCCL on CUDA, one GPU per rank; gloo on CPU).
+Every rank holds the same LoRA weights and takes ``batch_size / N`` examples of each global batch, so a step
+uses the same examples as a single-process run:
 
 * AdamW: the LoRA gradients are averaged over ranks (one flat all-reduce, as DDP does, without wrapping the
   model: the cloze scorer runs two forwards per backward), then clipped and applied on every rank.
@@ -20,28 +24,68 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["active", "all_gather_objects", "average_gradients", "barrier", "broadcast_object", "init", "is_main",
-           "local_device", "main_only", "mean_over_ranks", "rank", "world_size"]
+__all__ = ["LaunchEnv", "active", "all_gather_objects", "average_gradients", "barrier", "broadcast_object", "init",
+           "is_main", "launch_env", "local_device", "main_only", "mean_over_ranks", "rank", "world_size"]
 
 T = TypeVar("T")
 
+# The variables naming a process's place, first set wins: torchrun's (also under `accelerate launch --multi_gpu`),
+# then those of the MPI launchers that `accelerate launch --mpirun_hostfile` runs (the order accelerate reads them).
+_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+class LaunchEnv(NamedTuple):
+    """This process's place as its launcher describes it."""
+
+    rank: int
+    world_size: int
+    local_rank: int  # the rank among the processes of this machine: the GPU it uses
+
+
+def _env_int(names: Sequence[str], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value is not None and value.strip():
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+    return default
+
+
+def launch_env() -> LaunchEnv:
+    """(rank, world size, local rank) from torchrun's variables, else MPI's; (0, 1, 0) when none is set."""
+    env = LaunchEnv(_env_int(_RANK_VARS, 0), _env_int(_WORLD_SIZE_VARS, 1), _env_int(_LOCAL_RANK_VARS, 0))
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+        raise ValueError(f"launcher environment gives rank {env.rank} of world size {env.world_size}")
+    return env
+
 
 def init() -> None:
-    """Join the process group described by torchrun's environment (``WORLD_SIZE`` > 1); no-op otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or active():
+    """Join the process group described by the launcher's environment (world size > 1); no-op otherwise.
+
+    The rendezvous is ``MASTER_ADDR:MASTER_PORT`` (set by torchrun and accelerate launch; 127.0.0.1:29500 when a
+    bare mpirun left them unset).
+    """
+    env = launch_env()
+    if env.world_size <= 1 or active():
         return
     if not dist.is_available():
-        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        raise RuntimeError(f"world size {env.world_size} > 1 but this torch build has no torch.distributed")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
+        torch.cuda.set_device(env.local_rank)
+        dist.init_process_group("nccl", rank=env.rank, world_size=env.world_size)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size)
 
 
 def active() -> bool:
@@ -62,10 +106,10 @@ def is_main() -> bool:
 
 
 def local_device() -> torch.device:
-    """This rank's device: its GPU (``LOCAL_RANK``) when CUDA is available, else the CPU."""
+    """This rank's device: its GPU (the local rank) when CUDA is available, else the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if active() else torch.cuda.current_device())
+    return torch.device("cuda", launch_env().local_rank if active() else torch.cuda.current_device())
 
 
 def main_only(log: Callable[[str], None]) -> Callable[[str], None]:

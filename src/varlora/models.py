@@ -2,10 +2,20 @@
 
 The base model is frozen in the requested dtype; the LoRA weights are always float32 (peft's
 ``autocast_adapter_dtype``), so that optimizer states and posterior variances never live in bf16.
+
+Two third-party warnings that say nothing to a varlora user are silenced where they arise, by category and
+message only: transformers' ``is_gradient_checkpointing`` deprecation, which peft triggers when it wraps a model
+(:func:`attach_lora`), and peft's "Could not find a config file" on saving an adapter whose base is a GGUF file
+(:func:`save_adapter`; peft looks for the base's ``config.json`` to tell whether the vocabulary was resized, which
+varlora never does). Every other warning passes.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,9 +25,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from varlora.config import LoraArgs
 
 __all__ = ["ModelLoadError", "resolve_model_source", "load_base_model", "load_tokenizer", "attach_lora",
-           "lora_parameters"]
+           "lora_parameters", "save_adapter"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# (category, message regex) of the silenced warnings, matched from the start of the message
+_GRADIENT_CHECKPOINTING_DEPRECATION = (FutureWarning, r"`is_gradient_checkpointing` is deprecated")
+_NO_BASE_CONFIG = (
+    UserWarning, r"Could not find a config file in .* - will assume that the vocabulary was not modified"
+)
+
+
+@contextmanager
+def _silenced(*warnings_: tuple[type[Warning], str]) -> Iterator[None]:
+    """Ignore exactly these (category, message) warnings inside the block."""
+    with warnings.catch_warnings():
+        for category, message in warnings_:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
 
 
 class ModelLoadError(ValueError):
@@ -82,7 +108,8 @@ def attach_lora(model: PreTrainedModel, args: LoraArgs, seed: int) -> PeftModel:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, config, autocast_adapter_dtype=True)
+        with _silenced(_GRADIENT_CHECKPOINTING_DEPRECATION):
+            return get_peft_model(model, config, autocast_adapter_dtype=True)
 
 
 def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -91,3 +118,10 @@ def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     if not named:
         raise ValueError("the model has no trainable parameters: was LoRA attached?")
     return dict(sorted(named.items()))
+
+
+def save_adapter(model: PeftModel, folder: str | os.PathLike[str]) -> None:
+    """``model.save_pretrained(folder)`` (``adapter_model.safetensors``, ``adapter_config.json``) without peft's
+    warning that a GGUF base has no ``config.json``."""
+    with _silenced(_NO_BASE_CONFIG):
+        model.save_pretrained(folder)

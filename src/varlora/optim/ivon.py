@@ -15,7 +15,7 @@ import warnings
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -75,6 +75,10 @@ class _OpenSample:
     groups: list[int]  # index of each parameter's group
     backups: list[Tensor] | None  # per parameter: its value before the perturbation; None when τ = 0
     noises: list[Tensor] | None  # per parameter: η = ε/√(h+δ); None when τ = 0
+
+
+class _DiscardedSample(Exception):
+    """Thrown into a ``sampled_params`` context by ``end_sample(discard=True)``: exit as if the body raised."""
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -295,7 +299,9 @@ class IVON(torch.optim.Optimizer):
 
     Beyond ``torch.optim``: :meth:`sampled_params` (training and evaluation samples), :meth:`posterior`,
     :meth:`posterior_mean` and :meth:`posterior_std` (the posterior, e.g. to save it or sample outside the
-    optimizer), :attr:`last_step_stats` (diagnostics to log) and :meth:`discard_samples`.
+    optimizer), :attr:`last_step_stats` (diagnostics to log), :meth:`discard_samples`, and for loops run by a
+    framework :meth:`begin_sample`/:meth:`end_sample` and :meth:`draw_noise` (see
+    :class:`varlora.integrations.IVONTrainer` for Hugging Face ``Trainer``).
 
     Differences from the reference beyond its defects: ``step()`` raises unless exactly ``mc_samples``
     training contexts preceded it, gradients are reset to ``None`` by training contexts, ``p.data`` is never
@@ -358,6 +364,7 @@ class IVON(torch.optim.Optimizer):
         if generator is not None:
             self._generators[str(generator.device)] = generator
         self._sample: _OpenSample | None = None  # the open sampled_params context
+        self._explicit_sample: AbstractContextManager[None] | None = None  # the context begin_sample() entered
         # per (group, device, dtype): the parameters, and backup and noise buffers reused from step to step
         self._workspace: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
         self._num_samples = 0  # training samples consumed since the last step
@@ -394,6 +401,7 @@ class IVON(torch.optim.Optimizer):
             ("_warned_unfused", False),
             ("_generator", None),
             ("_sample", None),
+            ("_explicit_sample", None),
             ("_num_samples", 0),
             ("_num_steps", 0),
             ("_raw_stats", {}),
@@ -708,6 +716,53 @@ class IVON(torch.optim.Optimizer):
         for p in sample.params:
             p.grad = None
         self._num_samples += 1
+
+    # ---------------------------------------------------------------------------------- framework hooks
+
+    def begin_sample(self, train: bool = False, **kwargs: Any) -> None:
+        """Enter :meth:`sampled_params` without a ``with`` block; :meth:`end_sample` leaves it.
+
+        For loops run by a framework, where the body of a sample (forward, backward, gradient clipping) spans
+        several hooks, e.g. Lightning's ``on_before_backward``/``on_after_backward``. Takes the arguments of
+        :meth:`sampled_params` and behaves like entering it; prefer ``with opt.sampled_params(...)`` when the
+        body fits in one block.
+        """
+        if self._sample is not None:
+            raise RuntimeError("begin_sample() while a sample is open: call end_sample() first")
+        context = self.sampled_params(train, **kwargs)
+        context.__enter__()
+        self._explicit_sample = context
+
+    def end_sample(self, discard: bool = False) -> None:
+        """Leave the sample of :meth:`begin_sample`: the means are restored and, for a training sample, the
+        gradients are transformed and consumed as on a normal exit of :meth:`sampled_params`.
+
+        Args:
+            discard: leave as if the body had raised (e.g. the loss was NaN): the means are restored, the
+                gradients are neither transformed nor consumed (they stay in ``p.grad``), and the sample does
+                not count towards ``mc_samples``.
+        """
+        context, self._explicit_sample = self._explicit_sample, None
+        if context is None:
+            raise RuntimeError("end_sample() without an open begin_sample()")
+        if discard:
+            context.__exit__(_DiscardedSample, _DiscardedSample(), None)  # restores; returns False
+        else:
+            context.__exit__(None, None, None)
+
+    def draw_noise(self, generator: torch.Generator | None = None) -> list[Tensor]:
+        r"""Standard-normal :math:`\epsilon`, one tensor per sampled parameter (``requires_grad``, optimizer
+        order, state dtype), from the optimizer's noise stream (or ``generator``), for
+        ``sampled_params(noise=...)``.
+
+        For loops that interleave samples, e.g. ``mc_samples`` samples each evaluated on every micro-batch of
+        a gradient accumulation window: draw each sample's :math:`\epsilon` once, then re-enter it per
+        micro-batch. The stream is part of :meth:`state_dict`, so a resumed run draws the same values.
+        """
+        noises = [torch.empty_like(p, dtype=_state_dtype(p)) for _, p in self._sampled()]
+        with torch.no_grad():
+            self._draw_noise(noises, generator)
+        return noises
 
     def discard_samples(self) -> None:
         """Drop the gradient samples consumed since the last ``step()`` (no-op if there are none).

@@ -11,12 +11,14 @@ Your own data: ``get_task("jsonl:train=a.jsonl,validation=b.jsonl")``.
 
 from varlora.tasks._base import (
     DATA_DIR_ENV,
+    IGNORE_SHARED_ENV,
     SPLITS,
     DataFormatError,
     Example,
     Split,
     Task,
     resolve_data_dir,
+    shared_dir,
     subsample,
 )
 from varlora.tasks.registry import (
@@ -35,6 +37,7 @@ from varlora.tasks.templates import TEMPLATES, PromptTemplate
 __all__ = [
     "BOOLQ_LOCAL_TRAIN_ROWS",
     "DATA_DIR_ENV",
+    "IGNORE_SHARED_ENV",
     "MMLU_SUBJECTS",
     "SPLITS",
     "TEMPLATES",
@@ -51,5 +54,6 @@ __all__ = [
     "list_tasks",
     "register_task",
     "resolve_data_dir",
+    "shared_dir",
     "subsample",
 ]

@@ -14,18 +14,33 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATA_DIR_ENV",
+    "IGNORE_SHARED_ENV",
     "SPLITS",
     "DataFormatError",
     "Example",
     "Split",
     "Task",
     "resolve_data_dir",
+    "shared_dir",
     "subsample",
 ]
 
 Split = Literal["train", "validation"]
 SPLITS: tuple[Split, ...] = ("train", "validation")
 DATA_DIR_ENV = "VARLORA_DATA_DIR"
+IGNORE_SHARED_ENV = "VARLORA_IGNORE_SHARED"
+
+
+def shared_dir() -> Path | None:
+    """``../shared`` (relative to the working directory) when it exists, else ``None``.
+
+    ``None`` also when ``$VARLORA_IGNORE_SHARED`` is set to anything but ``""`` or ``"0"``: a machine without
+    the shared folder, simulated (to test that the demo needs only PyPI).
+    """
+    if os.environ.get(IGNORE_SHARED_ENV, "") not in ("", "0"):
+        return None
+    path = Path.cwd() / ".." / "shared"
+    return path.resolve() if path.is_dir() else None
 
 
 class DataFormatError(ValueError):
@@ -61,7 +76,8 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
 
     1. ``data_dir`` when given;
     2. the ``VARLORA_DATA_DIR`` environment variable when set (non-empty);
-    3. ``../shared/data`` relative to the current working directory, if that folder exists;
+    3. ``../shared/data`` relative to the current working directory, if that folder exists (see
+       :func:`shared_dir`: ``$VARLORA_IGNORE_SHARED`` hides it);
     4. ``None``: no local data; tasks then load from the Hugging Face hub.
 
     An explicit folder (1 or 2) that does not exist is an error rather than a silent fall-through.
@@ -73,8 +89,8 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
             origin = "data_dir" if data_dir is not None else DATA_DIR_ENV
             raise FileNotFoundError(f"{origin} points to {str(path)!r}, which is not a folder")
         return path
-    default = Path.cwd() / ".." / "shared" / "data"
-    return default.resolve() if default.is_dir() else None
+    shared = shared_dir()
+    return shared / "data" if shared is not None and (shared / "data").is_dir() else None
 
 
 def subsample(examples: list[Example], limit: int | None, seed: int | None) -> list[Example]:
