@@ -155,30 +155,6 @@ def test_rank_table_orders_and_shares_ties():
 
 
 
-def test_a_claimed_run_folder_is_skipped_by_another_process(tmp_path):
-    import multiprocessing
-
-    from varlora.experiment import _claim
-
-    folder = tmp_path / "run"
-    with _claim(folder) as mine:
-        assert mine
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(1) as pool:
-            assert pool.apply(_try_claim, (str(folder),)) is False
-    with context.Pool(1) as pool:
-        assert pool.apply(_try_claim, (str(folder),)) is True
-
-
-def _try_claim(folder: str) -> bool:
-    from pathlib import Path
-
-    from varlora.experiment import _claim
-
-    with _claim(Path(folder)) as claimed:
-        return claimed
-
-
 def test_tau_curves_use_only_the_seeds_that_evaluated_every_tau(tmp_path):
     def result(label: str, seed: int, acc: float) -> report.RunResult:
         method = "adamw" if label == "adamw" else "ivon"

@@ -22,10 +22,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import fcntl
 import io
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import yaml
 
 from varlora import _io, distributed, report
+from varlora._locking import claim_folder
 from varlora.config import ConfigError, RunConfig
 
 __all__ = ["Preset", "load_preset", "run_configs", "run_experiment", "write_report"]
@@ -168,7 +168,7 @@ def run_experiment(preset_name: str, out: str | None = None, results: str | None
     if not report_only:
         for index, (task, variant, seed, config) in enumerate(runs, start=1):
             folder = out_dir / task / variant / f"seed{seed}"
-            with _claim(folder) if main else contextlib.nullcontext(None) as claimed:
+            with claim_folder(folder) if main else contextlib.nullcontext(None) as claimed:
                 if not distributed.broadcast_object(claimed):
                     log(f"[{index}/{len(runs)}] {task} {variant} seed {seed}: another process has it, skipping")
                     continue
@@ -182,23 +182,6 @@ def run_experiment(preset_name: str, out: str | None = None, results: str | None
         write_report(preset, out_dir, results_dir, runs[0][3])
     log(f"report: {results_dir / 'table.md'}")
     return results_dir
-
-
-@contextlib.contextmanager
-def _claim(folder: Path) -> Iterator[bool]:
-    """An exclusive, non-blocking claim on a run folder (``flock``, released when the process ends, even by a
-    kill), so that several ``varlora experiment`` processes can share the runs of one preset."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _ordered_labels(results: Sequence[report.RunResult], preset: Preset) -> list[str]:

@@ -13,13 +13,14 @@ probabilities of S samples θₛ = m + √τ σ ⊙ εₛ, ε ~ N(0, I); τ ∈ 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from varlora.optim import perturbed_named_params
 
 __all__ = ["Posterior", "POSTERIOR_FILE"]
 
@@ -102,20 +103,6 @@ class Posterior:
         ε is drawn on the CPU from ``generator`` in sorted-name order, so the same generator state
         gives the same sample on any device. τ = 0 leaves the weights untouched.
         """
-        if not 0.0 <= tau <= 1.0:
-            raise ValueError(f"invalid tau={tau!r}: must be in [0, 1]")
         self.check_matches(params)
-        means = {name: p.detach().clone() for name, p in params.items()}
-        scale = math.sqrt(tau)
-        try:
-            with torch.no_grad():
-                for name in sorted(params):
-                    param = params[name]
-                    eps = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-                    noise = (scale * self.std[name] * eps).to(device=param.device)
-                    param.add_(noise.to(param.dtype))
+        with perturbed_named_params(params, self.std, tau=tau, generator=generator):
             yield
-        finally:
-            with torch.no_grad():
-                for name, param in params.items():
-                    param.copy_(means[name])

@@ -116,7 +116,9 @@ class Method:
     # ---- saving ---------------------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
         """Write the adapter (peft format) and whatever the predictive needs into ``folder`` (``final/``)."""
-        self.session.model.save_pretrained(folder)
+        from varlora.models import save_adapter
+
+        save_adapter(self.session.model, folder)
 
     def load(self, folder: Path) -> None:
         """Restore what :meth:`save` wrote, onto a freshly built session."""

@@ -23,6 +23,7 @@ from varlora.evaluate import sampled_prediction
 from varlora.methods.adamw import AdamW, adamw_step, build_adamw
 from varlora.methods.base import Prediction, StepResult, register
 from varlora.methods.training import linear_scheduler, optimizer_state_bytes, restore, snapshot, tensor_bytes
+from varlora.models import save_adapter
 from varlora.session import load_adapter_weights
 
 __all__ = ["EnsembleArgs", "DeepEnsemble", "member_names"]
@@ -116,7 +117,7 @@ class DeepEnsemble(AdamW):
 
     def save(self, folder: Path) -> None:
         """peft writes ``default`` into ``folder`` and every other adapter into ``folder/<name>/``."""
-        self.session.model.save_pretrained(folder)
+        save_adapter(self.session.model, folder)
 
     def load(self, folder: Path) -> None:
         if not hasattr(self, "members"):

@@ -21,7 +21,7 @@ from varlora.config import check, option
 from varlora.evaluate import deterministic_prediction, sampled_prediction
 from varlora.methods.base import Method, Prediction, StepResult, register
 from varlora.methods.training import backward_batch, linear_scheduler, optimizer_state_bytes, restore, snapshot
-from varlora.optim import IVON
+from varlora.optim import IVON, validate_ivon_hyperparameters
 from varlora.posterior import Posterior
 
 __all__ = ["IVONArgs", "IVONMethod", "tau_label"]
@@ -33,8 +33,10 @@ _STATS = ("clip_fraction", "hess_mean", "sigma_mean", "grad_norm")
 class IVONArgs:
     """IVON (Shen et al. 2024): posterior N(m, 1/(ess (h + weight_decay))); see varlora.IVON for the update.
 
-    The defaults are the values tuned for SmolLM2-135M / 100 steps (``varlora experiment tune-cpu``); the
-    paper's for Llama-2-7B / 10,000 steps are in the ``paper`` preset.
+    The valid ranges are the optimizer's own (:func:`varlora.optim.validate_ivon_hyperparameters`). The
+    defaults differ from the reference implementation's (:data:`varlora.optim.IVON_DEFAULTS`) on purpose: they
+    are the values tuned for SmolLM2-135M / 100 steps (``varlora experiment tune-cpu``); the paper's for
+    Llama-2-7B / 10,000 steps are in the ``paper`` preset.
     """
 
     lr: float = option("peak learning rate alpha", default=0.03)
@@ -48,14 +50,14 @@ class IVONArgs:
     rescale_lr: bool = option("multiply lr by (h0 + delta) as the reference does", default=False)
 
     def __post_init__(self) -> None:
-        check(self.lr > 0, "ivon.lr", self.lr, "must be > 0")
-        check(self.ess > 0, "ivon.ess", self.ess, "must be > 0")
-        check(self.hess_init > 0, "ivon.hess_init", self.hess_init, "must be > 0")
-        check(0 <= self.beta1 < 1, "ivon.beta1", self.beta1, "must be in [0, 1)")
-        check(0 <= self.beta2 <= 1, "ivon.beta2", self.beta2, "must be in [0, 1]")
-        check(self.weight_decay >= 0, "ivon.weight_decay", self.weight_decay, "must be >= 0")
-        check(self.clip_radius > 0, "ivon.clip_radius", self.clip_radius, "must be > 0 (inf disables)")
-        check(self.mc_samples >= 1, "ivon.mc_samples", self.mc_samples, "must be >= 1")
+        for name in ("lr", "ess", "hess_init", "beta1", "beta2", "weight_decay", "clip_radius", "mc_samples",
+                     "rescale_lr"):
+            value = getattr(self, name)
+            try:
+                validate_ivon_hyperparameters(**{name: value})
+            except ValueError as err:
+                requirement = str(err).split("(", 1)[-1]
+                check(False, f"ivon.{name}", value, requirement[:-1] if requirement.endswith(")") else requirement)
 
 
 def tau_label(tau: float) -> str:
