@@ -135,15 +135,15 @@ class IVONTrainer(Trainer):
                     p.grad = grad
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """``Trainer.log`` with IVON's diagnostics on training rows; ``grad_norm`` is IVON's pre-clip norm."""
+        """``Trainer.log`` with IVON's diagnostics on training rows (those of the last step that computed them,
+        see ``IVON(stats_every=...)``); ``grad_norm`` is IVON's pre-clip norm."""
         if "loss" in logs:
             stats = unwrap_ivon(self.optimizer).last_step_stats
-            if stats:
-                logs = dict(logs)
-                logs.pop("grad_norm", None)  # Trainer's, measured after the gradients were consumed: 0
-                if stats["grad_norm"] is not None:
-                    logs["grad_norm"] = stats["grad_norm"]
-                logs["ivon_clip_fraction"] = stats["clip_fraction"]
-                logs["ivon_sigma_mean"] = stats["sigma_mean"]
-                logs["ivon_hess_mean"] = stats["hess_mean"]
+            logs = dict(logs)
+            logs.pop("grad_norm", None)  # Trainer's, measured after the gradients were consumed: 0
+            if stats.get("grad_norm") is not None:
+                logs["grad_norm"] = stats["grad_norm"]
+            for key in ("clip_fraction", "sigma_mean", "hess_mean"):
+                if stats.get(key) is not None:
+                    logs[f"ivon_{key}"] = stats[key]
         super().log(logs, start_time)

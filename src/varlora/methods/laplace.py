@@ -59,8 +59,9 @@ class LaplaceArgs:
                                     "'marglik', the value used when 'none')", default=1.0)
     prior_optimization: str = option("'marglik': δ maximising the Laplace marginal likelihood; 'none': keep "
                                      "prior_precision", default="marglik")
-    link_approx: str = option("predictive over the GLM logits: 'probit' or 'mc' (eval.n_samples samples)",
-                              default="probit")
+    link_approx: str = option("predictive over the GLM logits: 'mc' (eval.n_samples samples; invariant to a "
+                              "common offset of the K logits, as the softmax is) or 'probit' (laplace-torch's "
+                              "multi-class probit, which is not: cloze scores sit far below 0)", default="mc")
     fit_limit: int = option("training examples the curvature is summed over (0 = all; a seeded subset)",
                             default=0)
     fit_batch_size: int = option("examples per curvature batch (one forward and K backward passes each)",
