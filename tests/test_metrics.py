@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -12,11 +13,14 @@ import torch.multiprocessing as mp
 from varlora.metrics import (
     CalibrationMetrics,
     accuracy,
+    accuracy_coverage_curve,
+    aurc,
     auroc,
     brier_score,
     compute_metrics,
     confidence_bins,
     expected_calibration_error,
+    fpr_at_95_tpr,
     mutual_information,
     negative_log_likelihood,
     predictive_entropy,
@@ -192,3 +196,62 @@ def test_compute_reduces_across_processes(tmp_path):
         p.join(timeout=60)
     expected = compute_metrics(*_random_problem(), n_bins=10)
     assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)
+
+
+def test_fpr_at_95_tpr_by_hand():
+    # 20 positives 1..20: ⌈0.95 · 20⌉ = 19 must stay above t, so t = 2 (the 19th largest)
+    pos = torch.arange(1, 21, dtype=torch.float64)
+    # negatives >= 2: 2 (tied with t: a false positive) and 3 -> 2 of 4
+    assert fpr_at_95_tpr(pos, [0.0, 1.5, 2.0, 3.0]) == 0.5
+    assert fpr_at_95_tpr(pos, [1.9, 0.0]) == 0.0 and fpr_at_95_tpr(pos, [25.0]) == 1.0
+    # 10 positives: ⌈9.5⌉ = 10, every positive kept, t = the smallest positive 0.1
+    assert fpr_at_95_tpr([k / 10 for k in range(1, 11)], [0.05, 0.1, 0.5, 2.0]) == 0.75
+    # ties among the positives: t = 1, where TPR jumps from 0 to 1
+    assert fpr_at_95_tpr([1.0] * 5, [0.0, 1.0, 2.0, 0.5]) == 0.5
+    # perfectly separated vs. identical distributions
+    assert fpr_at_95_tpr([5.0, 6.0], [1.0, 2.0]) == 0.0
+    with pytest.raises(ValueError, match="scores_neg is empty"):
+        fpr_at_95_tpr([1.0], [])
+    with pytest.raises(ValueError, match="NaN"):
+        fpr_at_95_tpr([float("nan")], [1.0])
+
+
+def test_accuracy_coverage_curve_by_hand():
+    # no ties: confidences .9 .8 .7 .6 with correct 1 0 1 0 -> accuracy of the top 1..4
+    cov, acc, thr = accuracy_coverage_curve([0.7, 0.9, 0.6, 0.8], [1, 1, 0, 0])
+    assert cov.tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert acc.tolist() == pytest.approx([1.0, 0.5, 2 / 3, 0.5]) and thr.tolist() == [0.9, 0.8, 0.7, 0.6]
+    # a tie is one point: .9 (right), then .5 × 3 (one right)
+    cov, acc, thr = accuracy_coverage_curve([0.5, 0.9, 0.5, 0.5], torch.tensor([True, True, False, False]))
+    assert cov.tolist() == [0.25, 1.0] and acc.tolist() == [1.0, 0.5] and thr.tolist() == [0.9, 0.5]
+
+
+def test_aurc_by_hand_and_against_random_tie_orders():
+    # no ties (sorted: right, wrong, right, wrong): risks 0, 1/2, 1/3, 1/2 -> mean 1/3
+    assert aurc([0.7, 0.9, 0.6, 0.8], [1, 1, 0, 0]) == pytest.approx(1 / 3)
+    # ties: .9 right, then .5 × 3 with one right: expected errors 0, 2/3, 4/3, 2
+    #   risks 0, 1/3, 4/9, 1/2 -> (0 + 12/36 + 16/36 + 18/36) / 4 = 46/144
+    conf, ok = [0.9, 0.5, 0.5, 0.5], [1, 1, 0, 0]
+    assert aurc(conf, ok) == pytest.approx(46 / 144)
+    # brute force: the mean AURC over every order of the tied examples
+    tied = [1, 0, 0]
+    brute = [sum(sum(1 - c for c in ([1, *order])[:k]) / k for k in range(1, 5)) / 4
+             for order in itertools.permutations(tied)]
+    assert aurc(conf, ok) == pytest.approx(sum(brute) / len(brute))
+    # constant confidence: the error rate; a perfect ranking: (1/N) Σ_k max(0, k - n_right) / k
+    assert aurc([0.3] * 5, [1, 0, 1, 1, 0]) == pytest.approx(0.4)
+    assert aurc([5, 4, 3, 2, 1], [1, 1, 1, 0, 0]) == pytest.approx((1 / 4 + 2 / 5) / 5)
+    assert aurc([1, 2, 3], [1, 1, 1]) == 0.0
+    with pytest.raises(ValueError, match="one length"):
+        aurc([1.0, 2.0], [1])
+
+
+def test_ood_signals_detect_a_shifted_set():
+    """Higher = in-distribution: max probability and −entropy separate confident ID from flat OOD predictions."""
+    generator = torch.Generator().manual_seed(0)
+    in_dist = torch.softmax(3 * torch.randn(200, 4, generator=generator, dtype=torch.float64), -1)
+    ood = torch.softmax(0.3 * torch.randn(200, 4, generator=generator, dtype=torch.float64), -1)
+    for score in (lambda p: p.max(-1).values, lambda p: -predictive_entropy(p)):
+        assert auroc(score(in_dist), score(ood)) > 0.9
+        assert fpr_at_95_tpr(score(in_dist), score(ood)) < 0.5
+        assert auroc(score(ood), score(in_dist)) == pytest.approx(1 - auroc(score(in_dist), score(ood)))

@@ -12,6 +12,17 @@ With confidence c_i = max_k p_ik and prediction ŷ_i = argmax_k p_ik (the first 
 - predictive entropy H(p) = −Σ_k p_k log p_k (0 log 0 = 0)
 - mutual information of S posterior samples p_s: H(mean_s p_s) − mean_s H(p_s) (the epistemic part)
 - AUROC(positives, negatives) = P(s⁺ > s⁻) + ½ P(s⁺ = s⁻) (Mann–Whitney U / (n⁺ n⁻), average ranks for ties)
+- FPR@95%TPR(positives, negatives) = P(s⁻ >= t) at the largest threshold t with P(s⁺ >= t) >= 0.95
+
+Out-of-distribution detection scores every example so that **higher = more in-distribution** and takes the
+in-distribution examples as the positives: the max probability, the negative predictive entropy and the
+negative mutual information. A perfect detector has AUROC 1 and FPR@95 0; chance is AUROC ½, FPR@95 ≈ 0.95.
+
+Selective prediction (Geifman & El-Yaniv 2017, 2019) answers only the examples whose confidence reaches a
+threshold: the accuracy–coverage curve has one point per distinct confidence t (coverage = P(c >= t),
+accuracy over those examples), and AURC is the area under the risk–coverage curve, (1/N) Σ_{k=1..N} r_k with
+r_k the error rate of the k most confident examples; examples of equal confidence are taken in a uniformly
+random order and r_k is its expectation (so a constant confidence gives AURC = the error rate).
 
 Scalars come back as Python floats; :func:`compute_metrics` and :class:`CalibrationMetrics` report accuracy
 and ECE in percent (as the papers do), NLL and Brier as plain numbers.
@@ -29,11 +40,14 @@ __all__ = [
     "CalibrationMetrics",
     "ReliabilityBins",
     "accuracy",
+    "accuracy_coverage_curve",
     "auroc",
+    "aurc",
     "brier_score",
     "compute_metrics",
     "confidence_bins",
     "expected_calibration_error",
+    "fpr_at_95_tpr",
     "mutual_information",
     "negative_log_likelihood",
     "predictive_entropy",
@@ -133,9 +147,69 @@ def auroc(scores_pos: Any, scores_neg: Any) -> float:
     if scores.isnan().any():
         raise ValueError("auroc scores contain NaN")
     _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    counts = counts.to(torch.float64)  # integer / 2 would be float32: rank sums of 400 examples lose digits
     ranks = (counts.cumsum(0) - (counts - 1) / 2)[inverse]  # 1-based, ties share their average rank
     u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
     return (u / (len(pos) * len(neg))).item()
+
+
+def _scores(scores: Any, name: str) -> Tensor:
+    """float64 (n,) on the CPU; Python numbers go straight to float64 (0.9 stays 0.9, not float32's)."""
+    s = scores.detach() if isinstance(scores, Tensor) else torch.as_tensor(scores, dtype=torch.float64)
+    s = s.to("cpu", torch.float64).flatten()
+    if len(s) == 0:
+        raise ValueError(f"{name} is empty")
+    if s.isnan().any():
+        raise ValueError(f"{name} contains NaN")
+    return s
+
+
+def fpr_at_95_tpr(scores_pos: Any, scores_neg: Any) -> float:
+    """False-positive rate at 95% true-positive rate of the detector "positive iff score >= t".
+
+    Positives (in-distribution, in OOD detection) should score higher. t is the largest threshold that keeps
+    at least 95% of the positives, i.e. the ⌈0.95 n⁺⌉-th largest positive score; the result is the fraction
+    of negatives scoring >= t (a negative tied with t counts as a false positive).
+    """
+    pos = _scores(scores_pos, "scores_pos")
+    neg = _scores(scores_neg, "scores_neg")
+    k = (95 * len(pos) + 99) // 100  # ⌈0.95 n⁺⌉ in integers: no rounding at n⁺ = 20, 100, ...
+    threshold = pos.sort(descending=True).values[k - 1]
+    return (neg >= threshold).to(torch.float64).mean().item()
+
+
+def _by_confidence(confidence: Any, correct: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Distinct confidences in decreasing order with the examples and correct ones at each: 3 × (G,)."""
+    c = _scores(confidence, "confidence")
+    ok = torch.as_tensor(correct).detach().to("cpu", torch.float64).flatten()
+    if len(ok) != len(c):
+        raise ValueError(f"expected confidence and correct of one length, got {len(c)} and {len(ok)}")
+    values, inverse, counts = torch.unique(c, return_inverse=True, return_counts=True)  # increasing
+    right = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ok)
+    return values.flip(0), counts.flip(0).to(torch.float64), right.flip(0)
+
+
+def accuracy_coverage_curve(confidence: Any, correct: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """(coverage, accuracy, threshold), each (G,) float64 for the G distinct confidences, coverage increasing:
+    answering only the examples with confidence >= threshold[g] covers coverage[g] of them with accuracy
+    accuracy[g]. ``confidence`` (N,) is any score (e.g. the max probability), ``correct`` (N,) 0/1 or bool."""
+    values, counts, right = _by_confidence(confidence, correct)
+    n = counts.cumsum(0)
+    return n / n[-1], right.cumsum(0) / n, values
+
+
+def aurc(confidence: Any, correct: Any) -> float:
+    """Area under the risk–coverage curve, (1/N) Σ_k E[errors among the k most confident] / k, as a fraction;
+    ties in confidence are ordered uniformly at random (the expected errors grow linearly through a tie)."""
+    _, counts, right = _by_confidence(confidence, correct)
+    ends = counts.cumsum(0)  # examples up to and including each group
+    errors_at_end = (counts - right).cumsum(0)
+    group = torch.repeat_interleave(torch.arange(len(counts)), counts.long())  # (N,) group of the k-th example
+    k = torch.arange(1, int(ends[-1].item()) + 1, dtype=torch.float64)
+    start = ends[group] - counts[group]
+    errors_before = errors_at_end[group] - (counts - right)[group]
+    expected_errors = errors_before + (k - start) * (counts - right)[group] / counts[group]
+    return (expected_errors / k).mean().item()
 
 
 class ReliabilityBins(NamedTuple):
