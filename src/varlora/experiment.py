@@ -9,11 +9,17 @@ A preset (``src/varlora/recipes/experiment_<name>.yaml`` or any YAML file) has::
     seeds: [21, 42, 87]
     seed_overrides: {21: {section: {...}}}   optional, per-seed overrides (applied last), e.g. a finer τ grid
                                              for the seed that makes the figures
+    selection: {metric: nll}                 optional, marks a tuning preset: the report names, per method, the
+                                             variant with the best mean of ``metric`` (acc: highest, else lowest)
+                                             on the row it is judged by (the sampled predictive at τ = 1, or the
+                                             one point prediction), and the posterior's σ / |m| of each run
 
 Runs go to ``<out>/<task>/<variant>/seed<seed>`` (each an ordinary ``varlora train`` folder, so a rerun
 resumes the one that was killed and skips the finished ones; several processes may run the same command
 side by side and share the runs); the report (``table.md``, ``table.csv``,
-``runs.csv`` and the PNGs) goes to ``<results>``, rewritten after every finished run. Seeds are the
+``runs.csv`` and the PNGs) goes to ``<results>``, rewritten after every finished run. Where the runs evaluated
+``eval.ood_tasks``, the report adds their metrics and the OOD-detection table (AUROC, FPR@95); every report has
+the selective-prediction table (AURC) and figure. Seeds are the
 outer loop, so a partial experiment has complete tables for its first seeds.
 """
 
@@ -23,6 +29,8 @@ import contextlib
 import copy
 import csv
 import io
+import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -52,6 +60,7 @@ class Preset:
     seeds: list[int]
     source: str
     seed_overrides: dict[int, dict[str, Any]]
+    selection: dict[str, Any] | None = None
 
 
 def _merge(into: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -85,13 +94,17 @@ def load_preset(name_or_path: str) -> Preset:
     required = {"description", "base", "variants", "tasks", "seeds"}
     if not isinstance(data, dict) or required - set(data):
         raise ConfigError(f"{source}: a preset needs the keys {sorted(required)}")
-    unknown = set(data) - required - {"seed_overrides"}
+    unknown = set(data) - required - {"seed_overrides", "selection"}
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)}")
     tasks = {task: overrides or {} for task, overrides in data["tasks"].items()}
     seed_overrides = {int(seed): overrides for seed, overrides in (data.get("seed_overrides") or {}).items()}
+    selection = data.get("selection")
+    if selection is not None and (not isinstance(selection, dict) or set(selection) != {"metric"}
+                                  or selection["metric"] not in report.METRICS):
+        raise ConfigError(f"{source}: selection must be {{metric: one of {list(report.METRICS)}}}, got {selection!r}")
     preset = Preset(path.stem if path.suffix else name_or_path, data["description"].strip(), data["base"],
-                    data["variants"], tasks, [int(s) for s in data["seeds"]], source, seed_overrides)
+                    data["variants"], tasks, [int(s) for s in data["seeds"]], source, seed_overrides, selection)
     run_configs(preset)  # validate every run's config up front
     return preset
 
@@ -221,15 +234,85 @@ def write_report(preset: Preset, out_dir: Path, results_dir: Path, sample: RunCo
                 report.rank_table(table, tasks, METRICS_SHOWN),
                 "## Cost (means over tasks and seeds)", "", report.cost_table(labelled, methods)]
     ood = [r for r in labelled if r.eval_task != r.train_task]
+    in_domain = [r for r in labelled if r.eval_task == r.train_task]
+    probs = report.SavedProbs()
     if ood:
         ood_tasks = sorted({r.eval_task for r in ood})
         ood_table = report.aggregate([replace(r, train_task=r.eval_task) for r in ood], methods, ood_tasks)
+        detection = report.ood_detection(ood, probs)
         sections += ["## Out of distribution (trained on the preset's task, evaluated unchanged)", "",
-                     report.markdown_table(ood_table, ood_tasks)]
+                     report.markdown_table(ood_table, ood_tasks),
+                     "## Out-of-distribution detection (in distribution: the training task's evaluation set)", "",
+                     "Each signal scores an example higher the more in-distribution it looks (max probability, "
+                     "negative predictive entropy, negative mutual information of the samples: rows that sample "
+                     "only); AUROC (50 = chance, higher is better) and FPR@95 = the share of OOD examples accepted "
+                     "at the threshold that keeps 95% of the in-distribution ones (lower is better), in %.", "",
+                     report.markdown_table(report.aggregate(detection, methods, ood_tasks,
+                                                            report.ood_metrics(detection)),
+                                           ood_tasks, report.ood_metrics(detection))]
+    selective = report.selective_prediction(in_domain, probs)
+    sections += ["## Selective prediction (answer only the most confident examples)", "",
+                 "AURC: area under the risk–coverage curve of the max probability, in % (lower is better; a "
+                 "constant confidence scores its error rate); the curves are in `accuracy_coverage.png`.", "",
+                 report.markdown_table(report.aggregate(selective, methods, tasks, ["aurc"]), tasks, ["aurc"])]
+    if preset.selection:
+        sections += _selection_section(preset, labelled, table, tasks, sample)
     _io.write_text(results_dir / "table.md", "\n".join(header) + "\n" + "\n".join(sections) + "\n")
     _io.write_text(results_dir / "table.csv", report.csv_table(table))
     _io.write_text(results_dir / "runs.csv", _runs_csv(labelled))
     report.write_figures(labelled, results_dir, n_bins=sample.eval.n_bins, order=methods)
+
+
+def _selection_section(preset: Preset, results: Sequence[report.RunResult], table: dict, tasks: Sequence[str],
+                       sample: RunConfig) -> list[str]:
+    """The tuning rule, its winner per method, and each variant's judged row with its posterior's σ / |m|."""
+    metric = preset.selection["metric"]
+    sign = -1.0 if metric == "acc" else 1.0
+    column = "average" if len(tasks) > 1 else tasks[0]
+    judged = report.selected_rows(results)
+    scores = {v: table[r.label][column][metric] for v, r in judged.items()
+              if metric in table.get(r.label, {}).get(column, {})}
+    winners: dict[str, str] = {}
+    for variant in preset.variants:
+        if variant in scores:
+            method = judged[variant].method
+            if method not in winners or sign * scores[variant][0] < sign * scores[winners[method]][0]:
+                winners[method] = variant
+    where = (f"held out = {sample.data.holdout} *training* questions (`data.holdout`; the validation split is "
+             "never read)" if sample.data.holdout else "held out = the evaluation set")
+    column_text = "the average over tasks" if column == "average" else column
+    lines = ["## Selection (tuning preset)", "",
+             f"Rule: for each method, the variant with the {'highest' if sign < 0 else 'lowest'} held-out "
+             f"{report._LABELS[metric]} of the **sampled predictive** (τ = 1, {sample.eval.n_samples} samples; a "
+             f"method that does not sample: its point prediction), mean over the seeds on {column_text}; "
+             f"{where}.", ""]
+    for method, variant in winners.items():
+        mean, se, n = scores[variant]
+        lines.append(f"- winner ({method}): **{variant}**, row `{judged[variant].label}`, {report._LABELS[metric]} "
+                     f"{_fine(mean, se, metric)} over {n} seed(s)")
+    lines += ["", "σ/|m|: mean posterior σ over mean |m| of the saved posterior mean, over the LoRA A matrices "
+              "and over all LoRA weights (B starts at 0), mean over seeds; – where the run saved no posterior.", "",
+              "| variant | row judged | ACC % | ECE % | NLL | mean σ | σ/\\|m\\| LoRA A | σ/\\|m\\| all |",
+              "|---|---|---|---|---|---|---|---|"]
+    for variant in preset.variants:
+        if variant not in judged:
+            continue
+        label = judged[variant].label
+        cells = table.get(label, {}).get(column, {})
+        scales = [s for s in (report.posterior_scale(r.folder) for r in results
+                              if r.variant == variant and r.label == label and r.eval_task == r.train_task)
+                  if s is not None]
+        scale = ["–"] * 3 if not scales else [f"{statistics.fmean(s[k] for s in scales):.3g}"
+                                              for k in ("sigma", "ratio_a", "ratio_all")]
+        metrics = " | ".join("–" if m not in cells else _fine(*cells[m][:2], m) for m in ("acc", "ece", "nll"))
+        lines.append(f"| {variant} | {label} | {metrics} | " + " | ".join(scale) + " |")
+    return [*lines, ""]
+
+
+def _fine(mean: float, se: float, metric: str) -> str:
+    """A tuning table's cell: one more digit than the comparison tables (NLL 0.912, ACC 61.37)."""
+    digits = 3 if metric in ("nll", "brier") else 2
+    return f"{mean:.{digits}f}" + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
 
 
 def _runs_csv(results: Sequence[report.RunResult]) -> str:

@@ -1,4 +1,5 @@
-"""Figures of a comparison: reliability diagrams, the τ trade-off (paper Fig. 1), accuracy vs time (Fig. 2).
+"""Figures of a comparison: reliability diagrams, the τ trade-off (paper Fig. 1), accuracy vs time (Fig. 2),
+selective prediction (accuracy–coverage curves).
 
 All functions take plain data (probabilities, metric rows) and write one PNG; they never train or load.
 """
@@ -18,7 +19,19 @@ import torch  # noqa: E402
 from varlora import _io  # noqa: E402
 from varlora.metrics import confidence_bins  # noqa: E402
 
-__all__ = ["reliability_diagrams", "tau_tradeoff", "accuracy_vs_time"]
+__all__ = ["reliability_diagrams", "tau_tradeoff", "accuracy_vs_time", "accuracy_coverage"]
+
+
+def _grid(n: int, width: float, height: float, max_columns: int = 4):
+    """A figure with ``n`` panels in rows of at most ``max_columns``; unused panels hidden. Returns (fig, axes)
+    with axes a flat list of the ``n`` panels."""
+    columns = min(n, max_columns)
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n], columns
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -39,10 +52,10 @@ def reliability_diagrams(
     different numbers of choices can be pooled. Bars are the bins' accuracy, the red part the gap to
     their mean confidence, and the title gives ECE with its bin count.
     """
-    fig, axes = plt.subplots(1, len(predictions), figsize=(3.6 * len(predictions), 3.6), squeeze=False)
+    fig, axes, columns = _grid(len(predictions), 3.4, 3.6)
     edges = torch.linspace(0, 1, n_bins + 1)
     centers = ((edges[:-1] + edges[1:]) / 2).tolist()
-    for ax, (method, (confidence, correct)) in zip(axes[0], predictions.items(), strict=True):
+    for ax, (method, (confidence, correct)) in zip(axes, predictions.items(), strict=True):
         bins = confidence_bins(confidence, correct, n_bins)
         filled = bins.count > 0
         acc = torch.where(filled, bins.accuracy, torch.zeros(n_bins)).tolist()
@@ -52,11 +65,15 @@ def reliability_diagrams(
                edgecolor="#C44E52", color="#C44E52", alpha=0.35, label="gap to confidence")
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.set_title(f"{method}  (n={len(confidence)})\nECE {100 * bins.ece:.1f}% ({n_bins} bins)", fontsize=10)
-        ax.set_xlabel("confidence")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-    axes[0][0].set_ylabel("accuracy")
-    axes[0][0].legend(loc="upper left", fontsize=8)
+    for index, ax in enumerate(axes):
+        if index % columns == 0:
+            ax.set_ylabel("accuracy")
+        if index >= len(axes) - columns:
+            ax.set_xlabel("confidence")
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
     if title:
         fig.suptitle(title, fontsize=11, y=1.02)
     return _save(fig, path)
@@ -95,20 +112,65 @@ def tau_tradeoff(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str 
 
 
 def accuracy_vs_time(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, title: str = "",
-                     styles: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+                     styles: Mapping[str, Mapping[str, Any]] | None = None,
+                     panels: Mapping[str, str] | None = None) -> Path:
     """Validation accuracy against cumulative training wall-clock seconds (Cong et al., Fig. 2).
 
-    ``curves[label]`` is a list of periodic-evaluation rows with ``train_seconds`` and ``acc``; ``styles[label]``
-    (optional) holds matplotlib line options, e.g. a colour per method and a line style per seed.
+    ``curves[key]`` is a list of periodic-evaluation rows with ``train_seconds`` and ``acc``; ``styles[key]``
+    (optional) holds matplotlib line options, e.g. a colour per method and a line style per seed (a ``label``
+    there names the legend entry, the key otherwise; lines of one label share one entry); ``panels[key]``
+    (optional) the panel (e.g. the task) the curve is drawn in, one panel if absent.
     """
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for label, rows in curves.items():
-        style = {"marker": "o", "markersize": 3, **((styles or {}).get(label, {}))}
-        ax.plot([r["train_seconds"] for r in rows], [r["acc"] for r in rows], label=label, **style)
-    ax.set_xlabel("training time (s)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    names = list(dict.fromkeys((panels or {}).get(key, "") for key in curves))
+    fig, axes, columns = _grid(len(names), 4.6, 3.6, max_columns=3)
+    entries: dict[str, Any] = {}
+    for key, rows in curves.items():
+        style = {"marker": "o", "markersize": 3, "label": key, **((styles or {}).get(key, {}))}
+        ax = axes[names.index((panels or {}).get(key, ""))]
+        (line,) = ax.plot([r["train_seconds"] for r in rows], [r["acc"] for r in rows], **style)
+        entries.setdefault(style["label"], line)
+    for index, (ax, name) in enumerate(zip(axes, names, strict=True)):
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        if index % columns == 0:
+            ax.set_ylabel("validation accuracy (%)")
+        if index >= len(axes) - columns:
+            ax.set_xlabel("training time (s)")
+    fig.legend(list(entries.values()), list(entries), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    fig.tight_layout()
     if title:
-        ax.set_title(title, fontsize=10)
+        fig.suptitle(title, fontsize=11, y=1.02)
+    return _save(fig, path)
+
+
+def accuracy_coverage(panels: Mapping[str, Mapping[str, tuple[Any, Any]]], path: str | Path, title: str = "",
+                      styles: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """Selective prediction: accuracy (%) against coverage, one panel per key of ``panels`` (e.g. a task) and
+    one line per method, from :func:`varlora.metrics.accuracy_coverage_curve`.
+
+    ``panels[name][label]`` is (coverage (G,), accuracy % (G,)); ``styles[label]`` optional line options.
+    """
+    fig, axes, columns = _grid(len(panels), 3.8, 3.4, max_columns=3)
+    for ax, (name, lines) in zip(axes, panels.items(), strict=True):
+        for label, (coverage, acc) in lines.items():
+            style = {"linewidth": 1.2, **((styles or {}).get(label, {}))}
+            ax.plot(torch.as_tensor(coverage).tolist(), torch.as_tensor(acc).tolist(), label=label, **style)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+    for index, ax in enumerate(axes):
+        if index % columns == 0:
+            ax.set_ylabel("accuracy (%)")
+        if index >= len(axes) - columns:
+            ax.set_xlabel("coverage")
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:  # every label once, whichever panel has it
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    fig.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    fig.tight_layout()
+    if title:
+        fig.suptitle(title, fontsize=11, y=1.02)
     return _save(fig, path)

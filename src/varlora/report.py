@@ -2,6 +2,11 @@
 
 A run folder is the one written by :func:`varlora.train.train_run`. Aggregation over seeds reports the
 mean ± standard error (sample std / √n_seeds), as Cong et al. (2024) do in Table 1.
+
+Beyond the saved metrics, the tables of out-of-distribution detection (:func:`ood_detection`: in-distribution =
+the training task's evaluation set, scored against each other evaluated task), of selective prediction
+(:func:`selective_prediction`: AURC) and of the posterior's scale (:func:`posterior_scale`: σ / |m|) are
+computed from what the run folder saved: the probabilities of every prediction row and ``final/``.
 """
 
 from __future__ import annotations
@@ -20,12 +25,18 @@ import torch
 from safetensors.torch import load_file
 
 from varlora import _io, plots
+from varlora.metrics import accuracy_coverage_curve, aurc, auroc, fpr_at_95_tpr, mutual_information, predictive_entropy
 from varlora.run_paths import RunPaths
 
-__all__ = ["RunResult", "find_runs", "aggregate", "markdown_table", "csv_table", "write_figures"]
+__all__ = ["RunResult", "find_runs", "aggregate", "markdown_table", "csv_table", "write_figures", "ood_detection",
+           "selective_prediction", "posterior_scale", "selected_rows", "OOD_SIGNALS", "SavedProbs"]
 
 METRICS = ("acc", "ece", "nll", "brier")
-_LABELS = {"acc": "ACC %", "ece": "ECE %", "nll": "NLL", "brier": "Brier"}
+#: OOD-detection signals, each a score that is higher for more in-distribution examples
+OOD_SIGNALS = {"maxprob": "max prob", "entropy": "−entropy", "mi": "−MI"}
+_LABELS = {"acc": "ACC %", "ece": "ECE %", "nll": "NLL", "brier": "Brier", "aurc": "AURC %",
+           **{f"auroc_{k}": f"AUROC % ({v})" for k, v in OOD_SIGNALS.items()},
+           **{f"fpr95_{k}": f"FPR@95 % ({v})" for k, v in OOD_SIGNALS.items()}}
 
 
 @dataclass(frozen=True)
@@ -84,13 +95,17 @@ def _mean_se(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def aggregate(results: Iterable[RunResult], methods: Sequence[str], tasks: Sequence[str]) -> dict:
+def aggregate(results: Iterable[RunResult], methods: Sequence[str], tasks: Sequence[str],
+              metrics: Sequence[str] | None = None) -> dict:
     """``table[label][task][metric] = (mean, se, n_seeds)`` for the row labels ``methods``, plus an
     ``"average"`` column over tasks.
 
-    The average column first averages the tasks within each seed, then takes mean ± s.e. over seeds, and
-    only counts seeds that have every task (otherwise it is absent).
+    ``metrics`` defaults to :data:`METRICS` and the training seconds. A seed counts for a metric where its
+    result has it (e.g. mutual information exists for sampled rows only). The average column first averages
+    the tasks within each seed, then takes mean ± s.e. over seeds, and only counts seeds that have every task
+    (otherwise it is absent).
     """
+    keys = tuple(metrics) if metrics is not None else (*METRICS, "train_seconds")
     by_key: dict[tuple[str, str], dict[int, dict[str, float]]] = defaultdict(dict)
     for r in results:
         if r.eval_task == r.train_task:
@@ -100,14 +115,20 @@ def aggregate(results: Iterable[RunResult], methods: Sequence[str], tasks: Seque
         table[method] = {}
         for task in tasks:
             seeds = by_key.get((method, task), {})
-            if seeds:
-                table[method][task] = {m: (*_mean_se([s[m] for s in seeds.values()]), len(seeds))
-                                       for m in (*METRICS, "train_seconds")}
-        complete = set.intersection(*(set(by_key.get((method, t), {})) for t in tasks)) if tasks else set()
-        if complete and len(tasks) > 1:
-            per_seed = {m: [sum(by_key[(method, t)][s][m] for t in tasks) / len(tasks) for s in sorted(complete)]
-                        for m in (*METRICS, "train_seconds")}
-            table[method]["average"] = {m: (*_mean_se(v), len(complete)) for m, v in per_seed.items()}
+            cells = {m: [s[m] for s in seeds.values() if m in s] for m in keys}
+            if any(cells.values()):
+                table[method][task] = {m: (*_mean_se(v), len(v)) for m, v in cells.items() if v}
+        if len(tasks) < 2:
+            continue
+        average = {}
+        for m in keys:
+            complete = set.intersection(*({s for s, v in by_key.get((method, t), {}).items() if m in v}
+                                          for t in tasks))
+            if complete:
+                per_seed = [sum(by_key[(method, t)][s][m] for t in tasks) / len(tasks) for s in sorted(complete)]
+                average[m] = (*_mean_se(per_seed), len(complete))
+        if average:
+            table[method]["average"] = average
     return table
 
 
@@ -162,27 +183,42 @@ def default_rows(results: Sequence[RunResult]) -> list[RunResult]:
 
 def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 10,
                   order: Sequence[str] | None = None) -> list[Path]:
-    """Reliability diagrams (pooled over tasks and seeds), the τ trade-off and accuracy-vs-time PNGs."""
+    """The PNGs: reliability diagrams (pooled over tasks and seeds, one panel per row label), accuracy–coverage
+    curves (one panel per task, pooled over seeds), the τ trade-off and accuracy vs training time."""
     out = Path(out)
     written = []
     in_domain = [r for r in results if r.eval_task == r.train_task]
+    probs = SavedProbs()
     pooled: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
+    per_task: dict[tuple[str, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
     for r in default_rows(in_domain):
-        tensors = load_file(str(RunPaths(r.folder).eval_probs(r.train_task)))
-        confidence, prediction = tensors[f"probs/{r.row}"].max(dim=-1)
-        pooled[r.label][0].append(confidence)
-        pooled[r.label][1].append(prediction == tensors["labels"])
+        confidence, correct = _confidence_correct(probs.get(r.folder, r.train_task), r.row)
+        for key, store in ((r.label, pooled), ((r.train_task, r.label), per_task)):
+            store[key][0].append(confidence)
+            store[key][1].append(correct)
     if pooled:
         labels = [m for m in (order or sorted(pooled)) if m in pooled]
         data = {m: (torch.cat(pooled[m][0]), torch.cat(pooled[m][1])) for m in labels}
         written.append(plots.reliability_diagrams(data, out / "reliability.png", n_bins=n_bins,
                                                   title="pooled over tasks and seeds (top-label confidence)"))
+        styles = _row_styles([r for r in default_rows(in_domain)])
+        panels: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for task in sorted({task for task, _ in per_task}):
+            panels[task] = {}
+            for label in labels:
+                if (task, label) in per_task:
+                    coverage, acc, _ = accuracy_coverage_curve(torch.cat(per_task[(task, label)][0]),
+                                                               torch.cat(per_task[(task, label)][1]))
+                    panels[task][label] = (coverage, 100 * acc)
+        written.append(plots.accuracy_coverage(panels, out / "accuracy_coverage.png", styles=styles,
+                                               title="selective prediction by max probability (pooled over seeds)"))
     curves, baselines, curve_seeds = _tau_curves(in_domain)
     if curves:
         title = f"seeds {sorted(curve_seeds)}: those that evaluated every τ (means over them)"
         written.append(plots.tau_tradeoff(curves, out / "tau_tradeoff.png", baselines, title=title))
-    time_curves, styles = {}, {}
+    time_curves, time_styles, time_panels = {}, {}, {}
     seeds = sorted({r.seed for r in in_domain})
+    dashes = ("-", "--", ":", "-.")
     seen: set[Path] = set()
     for r in sorted(in_domain, key=lambda r: (r.train_task, r.label, r.seed)):
         if r.folder in seen or r.cost.get("trained_in", "this run") != "this run":
@@ -190,12 +226,29 @@ def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 1
         seen.add(r.folder)
         rows = _eval_rows(r.folder)
         if rows:
-            label = f"{r.train_task} {r.variant} (seed {r.seed})"
-            time_curves[label] = rows
-            styles[label] = {"color": _color(r), "linestyle": ("-", "--", ":", "-.")[seeds.index(r.seed) % 4]}
+            key = f"{r.train_task} {r.variant} (seed {r.seed})"
+            time_curves[key] = rows
+            time_panels[key] = r.train_task
+            time_styles[key] = {"color": _color(r), "linestyle": dashes[seeds.index(r.seed) % 4], "label": r.variant}
     if time_curves:
-        written.append(plots.accuracy_vs_time(time_curves, out / "accuracy_vs_time.png", styles=styles))
+        title = ("methods that train (post-hoc ones reuse a trained run's curve); line style = seed: "
+                 + ", ".join(f"{dashes[i % 4]} {s}" for i, s in enumerate(seeds)))
+        written.append(plots.accuracy_vs_time(time_curves, out / "accuracy_vs_time.png", styles=time_styles,
+                                              panels=time_panels, title=title))
     return written
+
+
+def _row_styles(results: Sequence[RunResult]) -> dict[str, dict]:
+    """A line style per row label: the method's colour; labels that share a colour (two rows of one method,
+    or two methods of one colour) told apart by the line style, the first one solid."""
+    styles: dict[str, dict] = {}
+    per_color: dict[str, int] = defaultdict(int)
+    for r in results:
+        if r.label not in styles:
+            color = _color(r)
+            styles[r.label] = {"color": color, "linestyle": ("-", "--", ":", "-.")[per_color[color] % 4]}
+            per_color[color] += 1
+    return styles
 
 
 def _tau_curves(results: Sequence[RunResult]) -> tuple[dict[str, list[dict]], dict[str, dict], set[int]]:
@@ -288,3 +341,115 @@ def cost_table(results: Sequence[RunResult], labels: Sequence[str]) -> str:
     kinds = sorted({r.cost.get("memory_kind", "") for r in in_domain if r.cost})
     return "\n".join(lines) + f"\n\nPeak memory: {', '.join(kinds)} (weights included). Training seconds of a " \
         "post-hoc method are those of the MAP run whose adapter it reuses.\n"
+
+
+class SavedProbs:
+    """The saved probabilities of run folders, each file read once: ``get(folder, task)`` -> tensors."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[Path, str], dict[str, torch.Tensor]] = {}
+
+    def get(self, folder: Path, task: str) -> dict[str, torch.Tensor]:
+        key = (folder, task)
+        if key not in self._cache:
+            self._cache[key] = load_file(str(RunPaths(folder).eval_probs(task)))
+        return self._cache[key]
+
+
+def _ood_scores(tensors: dict[str, torch.Tensor], row: str) -> dict[str, torch.Tensor]:
+    """Per example, each OOD signal of prediction row ``row`` (higher = more in-distribution); ``mi`` only
+    where the row saved its per-sample probabilities."""
+    probs = tensors[f"probs/{row}"]  # (N, K)
+    scores = {"maxprob": probs.double().max(-1).values, "entropy": -predictive_entropy(probs)}
+    if f"sample_probs/{row}" in tensors:
+        scores["mi"] = -mutual_information(tensors[f"sample_probs/{row}"])  # (S, N, K) -> (N,)
+    return scores
+
+
+def ood_detection(results: Sequence[RunResult], probs: SavedProbs | None = None) -> list[RunResult]:
+    """For every out-of-distribution result (``eval_task`` other than ``train_task``), the detection of that
+    set against the run's in-distribution evaluation set by the same prediction row: ``auroc_<signal>`` and
+    ``fpr95_<signal>`` in percent for each signal of :data:`OOD_SIGNALS` (mutual information for rows with
+    samples only), the in-distribution examples as positives. Returned as results of "task" ``eval_task``
+    (``train_task`` set to it), so that :func:`aggregate` puts the OOD sets in columns."""
+    probs = probs or SavedProbs()
+    out = []
+    for r in results:
+        if r.eval_task == r.train_task:
+            continue
+        in_dist = _ood_scores(probs.get(r.folder, r.train_task), r.row)
+        shifted = _ood_scores(probs.get(r.folder, r.eval_task), r.row)
+        metrics = {}
+        for signal in OOD_SIGNALS:
+            if signal in in_dist and signal in shifted:
+                metrics[f"auroc_{signal}"] = 100 * auroc(in_dist[signal], shifted[signal])
+                metrics[f"fpr95_{signal}"] = 100 * fpr_at_95_tpr(in_dist[signal], shifted[signal])
+        out.append(replace(r, train_task=r.eval_task, metrics=metrics))
+    return out
+
+
+def ood_metrics(ood: Sequence[RunResult]) -> list[str]:
+    """The keys of :func:`ood_detection` that some result has: AUROC blocks first, then FPR@95."""
+    have = {k for r in ood for k in r.metrics}
+    return [f"{kind}_{signal}" for kind in ("auroc", "fpr95") for signal in OOD_SIGNALS
+            if f"{kind}_{signal}" in have]
+
+
+def _confidence_correct(tensors: dict[str, torch.Tensor], row: str) -> tuple[torch.Tensor, torch.Tensor]:
+    confidence, prediction = tensors[f"probs/{row}"].double().max(dim=-1)
+    return confidence, prediction == tensors["labels"]
+
+
+def selective_prediction(results: Sequence[RunResult], probs: SavedProbs | None = None) -> list[RunResult]:
+    """Every result with its ``aurc`` (percent: area under the risk–coverage curve of the max probability),
+    from the saved probabilities of its evaluation task."""
+    probs = probs or SavedProbs()
+    return [replace(r, metrics={"aurc": 100 * aurc(*_confidence_correct(probs.get(r.folder, r.eval_task), r.row))})
+            for r in results]
+
+
+def posterior_scale(folder: Path) -> dict[str, float] | None:
+    """The scale of a saved mean-field Gaussian posterior against its means, or None where ``final/`` holds
+    none: ``sigma`` (mean σ over all weights), ``ratio_a`` = mean σ / mean |m| over the LoRA A matrices and
+    ``ratio_all`` the same over all LoRA weights (B starts at 0, so its |m| stays small after a short run).
+
+    σ comes from ``final/posterior.safetensors`` (``std/<name>``, the model's parameter names), m from the peft
+    adapter ``final/adapter_model.safetensors`` (the same names without peft's adapter segment).
+    """
+    import re
+
+    from varlora.posterior import POSTERIOR_FILE, Posterior
+
+    final = RunPaths(folder).final
+    adapter = final / "adapter_model.safetensors"
+    if not (final / POSTERIOR_FILE).is_file() or not adapter.is_file():
+        return None
+    std = Posterior.load(final).std
+    means = load_file(str(adapter))
+    sums = {"a": [0.0, 0.0], "all": [0.0, 0.0]}  # Σσ, Σ|m|
+    for name, sigma in std.items():
+        key = name if name in means else re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)
+        if key not in means or means[key].shape != sigma.shape:
+            return None
+        s, m = sigma.double().sum().item(), means[key].double().abs().sum().item()
+        for part in ("all", "a") if ".lora_A." in name else ("all",):
+            sums[part][0] += s
+            sums[part][1] += m
+    n_all = sum(t.numel() for t in std.values())
+    return {"sigma": sums["all"][0] / n_all,
+            "ratio_a": sums["a"][0] / sums["a"][1] if sums["a"][1] else float("nan"),
+            "ratio_all": sums["all"][0] / sums["all"][1] if sums["all"][1] else float("nan")}
+
+
+def selected_rows(results: Sequence[RunResult]) -> dict[str, RunResult]:
+    """Per experiment variant, the in-distribution row a tuning rule judges it by, from one of its results:
+    its sampled predictive at full variance (``n_samples`` > 1, τ = 1 or no τ), or for a variant that does not
+    sample, its single point prediction."""
+    def rank(r: RunResult) -> int:
+        return 0 if r.n_samples > 1 and r.tau in (None, 1.0) else 1 if r.n_samples == 1 else 2
+
+    chosen: dict[str, RunResult] = {}
+    for r in results:
+        if r.eval_task == r.train_task and (r.variant not in chosen or rank(r) < rank(chosen[r.variant])):
+            chosen[r.variant] = r
+    return chosen

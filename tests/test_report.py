@@ -1,0 +1,209 @@
+"""The report's tables computed from saved probabilities (OOD detection, AURC) and from ``final/`` (σ / |m|),
+on fake run folders with hand-computed values; the OOD and tuning presets."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from varlora import report
+from varlora.experiment import load_preset, run_configs, write_report
+from varlora.posterior import Posterior
+
+
+def _peaked(confidence: float, top: int, k: int = 4) -> list[float]:
+    """A probability vector with ``confidence`` on class ``top`` and the rest spread evenly."""
+    return [confidence if c == top else (1 - confidence) / (k - 1) for c in range(k)]
+
+
+def _fake_run(root, task, variant, seed, rows, method=None):
+    """A finished run folder: summary.json and eval/<task>.probs.safetensors for every task of ``rows``.
+
+    ``rows[task][label]`` = (probs (N, K), sample_probs (S, N, K) or None, metrics, tau, n_samples)."""
+    method = method or variant
+    folder = root / task / variant / f"seed{seed}"
+    (folder / "eval").mkdir(parents=True)
+    summary_rows, results = {}, {}
+    for eval_task, by_label in rows.items():
+        n = next(iter(by_label.values()))[0].shape[0]
+        tensors = {"labels": torch.arange(n) % 4}
+        for label, (probs, samples, _, _, _) in by_label.items():
+            tensors[f"probs/{label}"] = probs
+            if samples is not None:
+                tensors[f"sample_probs/{label}"] = samples
+        save_file(tensors, str(folder / "eval" / f"{eval_task}.probs.safetensors"))
+        summary_rows[eval_task] = [{"label": label, "method": method, "tau": tau, "n_samples": n_samples,
+                                    "forward_passes": n_samples} for label, (*_, tau, n_samples) in by_label.items()]
+        results[eval_task] = {label: metrics | {"n": n} for label, (_, _, metrics, _, _) in by_label.items()}
+    cost = {"train_seconds": 10.0, "fit_seconds": 0.0, "eval_seconds": {task: 2.0}, "peak_train_bytes": 2**30,
+            "peak_eval_bytes": 2**29, "extra_param_bytes": 0, "optimizer_state_bytes": 2**20,
+            "memory_kind": "rss_peak", "trained_in": "this run"}
+    (folder / "summary.json").write_text(json.dumps({
+        "task": task, "seed": seed, "method": method, "train_seconds": 10.0, "results": results,
+        "rows": summary_rows, "cost": cost}))
+    return folder
+
+
+M = {"acc": 50.0, "ece": 10.0, "nll": 1.0, "brier": 0.5}
+
+# In distribution (labels 0 1 2 3): confidences .9 .8 .7 .6, predicted classes 0 1 0 3 (the third is wrong).
+#   AURC: by confidence right, right, wrong, right -> risks 0, 0, 1/3, 1/4 -> (7/12) / 4 = 7/48 = 14.58 %
+ID = torch.tensor([_peaked(0.9, 0), _peaked(0.8, 1), _peaked(0.7, 0), _peaked(0.6, 3)], dtype=torch.float64)
+# Out of distribution: confidences .75 .5 .4 .3. Max probability (and −entropy, monotone in it here):
+#   AUROC = P(ID > OOD) = (4 + 4 + 3 + 3) / 16 = 87.5 %; FPR@95: ⌈0.95 · 4⌉ = 4 ID kept, t = .6, OOD >= .6: 1/4
+OOD = torch.tensor([_peaked(0.75, 1), _peaked(0.5, 2), _peaked(0.4, 0), _peaked(0.3, 3)], dtype=torch.float64)
+# Samples: in distribution two equal samples (MI 0 everywhere); out of distribution the first example agrees
+# (MI 0, a tie with every ID example) and the others disagree (MI > 0). −MI: AUROC = (4 · 3 + ½ · 4) / 16 = 87.5 %,
+# FPR@95: t = 0, one OOD example >= 0 -> 25 %.
+ID_SAMPLES = torch.stack([ID, ID])
+OOD_SAMPLES = torch.stack([OOD, torch.cat([OOD[:1], OOD[1:].roll(1, dims=-1)])])
+
+
+def _runs(root, seeds=(1, 2)):
+    for seed in seeds:
+        _fake_run(root, "obqa", "adamw", seed, {
+            "obqa": {"adamw": (ID, None, M, None, 1)},
+            "arc_easy": {"adamw": (OOD, None, M, None, 1)}})
+        _fake_run(root, "obqa", "ivon", seed, {
+            "obqa": {"ivon@mean": (ID, None, M, 0.0, 1), "ivon": (ID_SAMPLES.mean(0), ID_SAMPLES, M, 1.0, 2)},
+            "arc_easy": {"ivon@mean": (OOD, None, M, 0.0, 1),
+                         "ivon": (OOD_SAMPLES.mean(0), OOD_SAMPLES, M, 1.0, 2)}})
+
+
+def test_ood_detection_and_aurc_by_hand(tmp_path):
+    _runs(tmp_path, seeds=(1,))
+    found = report.find_runs(tmp_path)
+    detection = {r.label: r.metrics for r in report.ood_detection(found)}
+    assert detection["adamw"] == pytest.approx({"auroc_maxprob": 87.5, "fpr95_maxprob": 25.0,
+                                                "auroc_entropy": 87.5, "fpr95_entropy": 25.0})
+    assert detection["ivon"]["auroc_mi"] == pytest.approx(87.5) and detection["ivon"]["fpr95_mi"] == 25.0
+    assert "auroc_mi" not in detection["ivon@mean"]  # a point prediction has no mutual information
+    assert all(r.train_task == r.eval_task == "arc_easy" for r in report.ood_detection(found))
+    aurc = {(r.label, r.eval_task): r.metrics["aurc"] for r in report.selective_prediction(found)}
+    assert aurc[("adamw", "obqa")] == pytest.approx(100 * 7 / 48)
+    # out of distribution, predicted 1 2 0 3 against labels 0 1 2 3: right only at .3 -> risks 1, 1, 1, 3/4
+    assert aurc[("adamw", "arc_easy")] == pytest.approx(100 * (3 + 0.75) / 4)
+    assert report.ood_metrics(report.ood_detection(found)) == [
+        "auroc_maxprob", "auroc_entropy", "auroc_mi", "fpr95_maxprob", "fpr95_entropy", "fpr95_mi"]
+
+
+def _block(text: str, header: str) -> list[str]:
+    """The lines of the markdown table whose header row starts with ``header``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def test_write_report_has_the_ood_and_selective_tables(tmp_path):
+    preset = load_preset("ood-cpu")
+    runs = tmp_path / "runs"
+    _runs(runs)
+    write_report(preset, runs, tmp_path / "results", run_configs(preset)[0][3])
+    text = (tmp_path / "results" / "table.md").read_text()
+    # two seeds with equal values: mean ± s.e. 0
+    assert "| adamw | 87.5 ± 0.0 |" in _block(text, "| AUROC % (max prob) | arc_easy |")
+    assert "| adamw | 25.0 ± 0.0 |" in _block(text, "| FPR@95 % (−entropy) | arc_easy |")
+    mi = _block(text, "| AUROC % (−MI) | arc_easy |")
+    assert "| ivon | 87.5 ± 0.0 |" in mi and "| adamw | – |" in mi
+    assert "| adamw | 14.6 ± 0.0 |" in _block(text, "| AURC % | obqa |")
+    assert "| ACC % | arc_easy |" in text  # the OOD sets' own metrics
+    for png in ("reliability.png", "accuracy_coverage.png"):
+        assert (tmp_path / "results" / png).stat().st_size > 0
+
+
+def test_in_distribution_report_has_aurc_but_no_ood_tables(tmp_path):
+    preset = load_preset("ood-cpu")
+    _fake_run(tmp_path / "runs", "obqa", "adamw", 1, {"obqa": {"adamw": (ID, None, M, None, 1)}})
+    write_report(preset, tmp_path / "runs", tmp_path / "results", run_configs(preset)[0][3])
+    text = (tmp_path / "results" / "table.md").read_text()
+    assert "| AURC % | obqa |" in text and "| AUROC %" not in text and "## Out of distribution" not in text
+
+
+def _posterior_run(root, variant, seed, nll_mean, nll_sampled):
+    """An IVON run of the tuning preset whose final/ holds a posterior with σ_A = .1, σ_B = .2, |m_A| = .5,
+    |m_B| = .1 (2 × 3 and 3 × 2 weights): mean σ = (6 · .1 + 6 · .2) / 12 = .15, σ/|m| over A = .2, over all
+    = 1.8 / 3.6 = .5."""
+    folder = _fake_run(root, "arc_easy", variant, seed, {"arc_easy": {
+        "ivon@mean": (ID, None, M | {"nll": nll_mean}, 0.0, 1),
+        "ivon": (ID_SAMPLES.mean(0), ID_SAMPLES, M | {"nll": nll_sampled}, 1.0, 2)}}, method="ivon")
+    final = folder / "final"
+    final.mkdir()
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    std = {f"{prefix}.lora_A.default.weight": torch.full((2, 3), 0.1),
+           f"{prefix}.lora_B.default.weight": torch.full((3, 2), 0.2)}
+    Posterior(std=std, hess={k: torch.ones_like(v) for k, v in std.items()}, ess=1e4, weight_decay=0.0).save(final)
+    save_file({f"{prefix}.lora_A.weight": torch.tensor([[0.5, -0.5, 0.5], [-0.5, 0.5, 0.5]]),
+               f"{prefix}.lora_B.weight": torch.full((3, 2), -0.1)}, str(final / "adapter_model.safetensors"))
+    return folder
+
+
+def test_posterior_scale_by_hand(tmp_path):
+    folder = _posterior_run(tmp_path, "v", 1, 1.0, 1.0)
+    assert report.posterior_scale(folder) == pytest.approx({"sigma": 0.15, "ratio_a": 0.2, "ratio_all": 0.5})
+    assert report.posterior_scale(tmp_path / "nowhere") is None
+
+
+def test_tuning_report_states_the_rule_and_its_winner(tmp_path):
+    preset = load_preset("tune-ivon-cpu")
+    first, second = list(preset.variants)[:2]
+    runs = tmp_path / "runs"
+    # `first` has the better point prediction, `second` the better sampled predictive: the rule picks `second`
+    _posterior_run(runs, first, 21, nll_mean=0.5, nll_sampled=0.9)
+    _posterior_run(runs, second, 21, nll_mean=0.95, nll_sampled=0.8)
+    write_report(preset, runs, tmp_path / "results", run_configs(preset)[0][3])
+    text = (tmp_path / "results" / "table.md").read_text()
+    assert "lowest held-out NLL of the **sampled predictive** (τ = 1, 10 samples" in text
+    assert "held out = 150 *training* questions (`data.holdout`; the validation split is never read)" in text
+    assert f"- winner (ivon): **{second}**, row `{second} ivon`, NLL 0.800 over 1 seed(s)" in text
+    assert f"| {first} | {first} ivon | 50.00 | 10.00 | 0.900 | 0.15 | 0.2 | 0.5 |" in text
+
+
+def test_selected_rows_prefer_the_sampled_predictive_at_full_variance(tmp_path):
+    def row(label, variant, tau, n_samples):
+        return report.RunResult(tmp_path, "t", "t", label, 1, 1.0, {}, method=variant, tau=tau,
+                                n_samples=n_samples, row=label, variant=variant)
+
+    chosen = report.selected_rows([row("a[tau=0.5]", "a", 0.5, 10), row("a@mean", "a", 0.0, 1),
+                                   row("a", "a", 1.0, 10), row("b", "b", None, 1), row("c", "c", None, 5)])
+    assert {v: r.label for v, r in chosen.items()} == {"a": "a", "b": "b", "c": "c"}
+
+
+def test_ood_and_tuning_presets():
+    cpu, ood = load_preset("cpu"), load_preset("ood-cpu")
+    assert list(ood.tasks) == ["obqa"] and ood.variants == cpu.variants and ood.seeds == cpu.seeds
+    ood_runs = run_configs(ood, seeds=[42])
+    cpu_obqa = {v: c for t, v, _, c in run_configs(cpu, seeds=[42], tasks=["obqa"])}
+    for _, variant, _, config in ood_runs:
+        assert config.eval.ood_tasks == ["arc_challenge", "arc_easy", "mmlu_college_chemistry",
+                                         "mmlu_college_physics"]
+        mine, theirs = config.to_dict(), cpu_obqa[variant].to_dict()
+        mine["eval"].pop("ood_tasks"), theirs["eval"].pop("ood_tasks")
+        assert mine == theirs  # the same budget and hyper-parameters as the CPU preset's OBQA runs
+    from varlora.tasks import get_task
+
+    for task in ood_runs[0][3].eval.ood_tasks:
+        assert get_task(task).num_choices == 4
+
+    tune = load_preset("tune-ivon-cpu")
+    assert tune.selection == {"metric": "nll"} and len(tune.variants) <= 8 and tune.seeds == [21]
+    configs = [c for _, _, _, c in run_configs(tune)]
+    grid = {(c.ivon.ess, c.ivon.hess_init) for c in configs}
+    assert grid == {(ess, h0) for ess in (1e3, 1e4, 1e5) for h0 in (0.01, 0.1)}
+    for c in configs:
+        assert (c.data.task, c.data.holdout, c.data.train_limit, c.train.steps, c.train.batch_size) == (
+            "arc_easy", 150, 64, 100, 4)
+        assert (c.ivon.beta2, c.ivon.lr, c.ivon.clip_radius, c.eval.taus) == (0.99, 0.03, 1e-2, [0.0, 1.0])
+    assert math.isclose(configs[0].train.steps * configs[0].train.batch_size / 64, 6.25)
+
+
+def test_a_bad_selection_is_refused(tmp_path):
+    from varlora.config import ConfigError
+
+    path = tmp_path / "p.yaml"
+    path.write_text("description: x\nbase: {}\nvariants: {a: {}}\ntasks: {arc_easy: null}\nseeds: [1]\n"
+                    "selection: {metric: speed}\n")
+    with pytest.raises(ConfigError, match="selection must be"):
+        load_preset(str(path))
