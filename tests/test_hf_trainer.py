@@ -12,7 +12,8 @@ from conftest import TINY_VOCAB, tiny_llama
 from varlora import IVON
 from varlora.integrations import IVONTrainer
 
-IVON_OPTIONS = dict(lr=0.05, ess=1e3, hess_init=0.1, beta2=0.99, clip_radius=0.1, weight_decay=1e-3)
+IVON_OPTIONS = dict(lr=0.05, ess=1e3, hess_init=0.1, beta2=0.99, clip_radius=0.1, weight_decay=1e-3,
+                    stats_every=1)  # statistics on every step: the tests read them
 N_EXAMPLES, LENGTH = 16, 12
 
 

@@ -28,6 +28,7 @@ from varlora.train import load_run, train_run
 SECTION_OVERRIDES: dict[str, dict] = {
     "temperature": {"holdout": 16},
     "ensemble": {"members": 2},
+    "tfb": {"n_anchor": 16, "search_samples": 2, "search_steps": 2},
 }
 
 
