@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         distributed.init()  # several processes under torchrun; nothing otherwise
     try:
         handler(args)
-    except (ValueError, FileNotFoundError) as err:  # ConfigError, DataError, ModelLoadError are ValueErrors
+    # ConfigError, DataError, ModelLoadError and damaged-file errors are ValueErrors; SaveError (a full disk) and
+    # FileNotFoundError are OSErrors; FloatingPointError is a diverged training loss. Each names what failed.
+    except (ValueError, OSError, FloatingPointError) as err:
         print(f"varlora {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
