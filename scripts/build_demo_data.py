@@ -14,14 +14,14 @@ import json
 
 from varlora.assets import DEMO_DATA_DIR
 from varlora.experiment import load_preset, run_configs
-from varlora.tasks import get_task, resolve_data_dir
+from varlora.tasks import get_task, resolve_data_dir, shared_dir
 
 RELEASE_FILES = {"train": "arc/ARC-Easy-Train.jsonl", "validation": "arc/ARC-Easy-Dev.jsonl"}
 
 
 def main() -> None:
-    source = resolve_data_dir()
-    if source is None:
+    source = resolve_data_dir() or (shared / "data" if (shared := shared_dir()) is not None else None)
+    if source is None or not source.is_dir():
         raise SystemExit("no data folder: set VARLORA_DATA_DIR or run next to ../shared/data")
     (_, _, _, config), *others = run_configs(load_preset("demo"))
     for _, _, _, other in others:  # every run of the demo must select the same questions

@@ -56,7 +56,7 @@ def test_ignore_shared_hides_the_shared_folder(no_shared, monkeypatch):
     assert find_demo_data() == DEMO_DATA_DIR
     monkeypatch.setenv(IGNORE_SHARED_ENV, "0")
     if SHARED_DATA.is_dir():
-        assert shared_dir() == SHARED_DATA.parent.resolve() and find_demo_data() is None
+        assert shared_dir() == SHARED_DATA.parent.resolve() and find_demo_data() == SHARED_DATA.resolve()
 
 
 def test_an_explicit_data_folder_wins_over_the_packaged_questions(no_shared, monkeypatch, tmp_path):
@@ -114,8 +114,7 @@ def test_demo_reads_the_packaged_questions_only_without_a_data_folder(no_shared,
     monkeypatch.setattr(demo, "run_experiment", run_experiment)
     demo.run_demo(tmp_path / "demo", log=lambda _: None)
     expected = {"model": {"name": f"/models/{DEMO_MODEL_FILE}"}}
-    if hidden:
-        expected["data"] = {"data_dir": str(DEMO_DATA_DIR)}
+    expected["data"] = {"data_dir": str(DEMO_DATA_DIR if hidden else SHARED_DATA.resolve())}
     assert seen == {"preset": "demo", "overrides": expected}
 
 

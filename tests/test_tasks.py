@@ -110,7 +110,7 @@ def test_resolve_data_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(work)
     assert resolve_data_dir() is None  # no ../shared/data here
     (tmp_path / "shared" / "data").mkdir(parents=True)
-    assert resolve_data_dir() == (tmp_path / "shared" / "data").resolve()
+    assert resolve_data_dir() is None  # the library never looks in ../shared (the command line does)
     env = tmp_path / "env"
     env.mkdir()
     monkeypatch.setenv(DATA_DIR_ENV, str(env))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -157,20 +158,33 @@ def _train_command(assets, run: Path, steps: int) -> list[str]:
 
 
 def test_killed_run_resumes_bit_for_bit(assets, tmp_path):
-    """SIGKILL a real training process after its first checkpoint; the rerun ends exactly like a clean run."""
+    """SIGKILL a real training process in the middle of a step after its first checkpoint; the rerun resumes from
+    that checkpoint and ends exactly like a clean run."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     steps = 120
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     subprocess.run(_train_command(assets, clean, steps), check=True, env=env, capture_output=True)
     process = subprocess.Popen(_train_command(assets, killed, steps), env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
+
+    def steps_done() -> int:  # the last complete row of metrics.jsonl (a torn last line is ignored)
+        rows = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()[:-1]] \
+            if (killed / "metrics.jsonl").exists() else []
+        return max((r["step"] for r in rows), default=0)
+
     deadline = time.time() + 120
-    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.02)
+    while not (steps_done() > 7 + 1 and (killed / "checkpoint.pt").exists()) and time.time() < deadline \
+            and process.poll() is None:
+        time.sleep(0.01)
+    had_checkpoint = (killed / "checkpoint.pt").exists()
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert had_checkpoint, "no checkpoint was written before the kill"
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
-    subprocess.run(_train_command(assets, killed, steps), check=True, env=env, capture_output=True)
+    rerun = subprocess.run(_train_command(assets, killed, steps), check=True, env=env, capture_output=True,
+                           text=True)
+    resumed = re.search(rf"resuming {re.escape(str(killed))} from step (\d+)/{steps}", rerun.stdout)
+    assert resumed and int(resumed.group(1)) > 0 and int(resumed.group(1)) % 7 == 0, rerun.stdout
     a = load_file(str(clean / "final" / "adapter_model.safetensors"))
     b = load_file(str(killed / "final" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -63,7 +63,10 @@ def find_demo_model(log: Callable[[str], None] = print) -> Path:
 
 
 def find_demo_data() -> Path | None:
-    """The ``data_dir`` the demo must use: ``None`` when a data folder exists (``$VARLORA_DATA_DIR`` or
-    ``../shared/data``: the runs then read the release files, as always), else :data:`DEMO_DATA_DIR`, which holds
-    exactly the questions the demo selects from them, so the results are the same."""
-    return None if resolve_data_dir() is not None else DEMO_DATA_DIR
+    """The ``data_dir`` the demo must use: ``None`` when ``$VARLORA_DATA_DIR`` names a data folder (the runs then
+    read the release files there, as always), else ``../shared/data`` when it exists, else :data:`DEMO_DATA_DIR`,
+    which holds exactly the questions the demo selects from the release files, so the results are the same."""
+    if resolve_data_dir() is not None:
+        return None
+    shared = shared_dir()
+    return shared / "data" if shared is not None and (shared / "data").is_dir() else DEMO_DATA_DIR

@@ -5,22 +5,52 @@ It holds the step, the training seconds so far, the method's :meth:`~varlora.met
 killed at any moment continues from its last checkpoint bit for bit. Under torchrun rank 0 writes, and
 ``ranks`` keeps each rank's RNG states and its :meth:`~varlora.methods.base.Method.rank_state` (IVON's noise
 generators); a resume must use the same number of processes.
+
+Files that cannot be trusted are reported by name, never as a traceback of the reader: ``checkpoint.pt`` is a
+zip archive whose records carry CRC-32s, checked before it is unpickled; the files of ``final/`` are checked
+against the SHA-256 digests that :func:`file_digests` recorded when they were saved (:func:`verify_digests`).
+A write that fails (a full disk, a file size limit) raises :class:`SaveError` naming the file, and leaves the
+previous file as it was (the writes are atomic, :mod:`varlora._io`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import pickle
 import random
 import zipfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from varlora import _io, distributed
 from varlora.config import ConfigError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "SaveError", "saving",
+           "file_digests", "verify_digests"]
+
+
+class SaveError(OSError):
+    """A file of a run could not be written (disk full, file size limit, ...); the message names the file."""
+
+
+@contextlib.contextmanager
+def saving(path: str | Path, kept: str) -> Iterator[None]:
+    """Turn a failed write of ``path`` inside the block into a one-line :class:`SaveError`; ``kept`` says what
+    is still intact (e.g. "the previous checkpoint is kept")."""
+    try:
+        yield
+    except SaveError:
+        raise
+    except (OSError, SafetensorError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise SaveError(f"cannot write {path} ({reason}); {kept}") from err
 
 
 def rng_state() -> dict[str, Any]:
@@ -43,23 +73,33 @@ def save_checkpoint(session, method, step: int, train_seconds: float) -> None:
     ranks = distributed.all_gather_objects({"rng": rng_state(), "method": method.rank_state()})
     if not distributed.is_main():
         return
-    _io.torch_save({
+    buffer = io.BytesIO()  # serialised first, so that a failing write is a plain OSError
+    torch.save({
         "step": step,
         "train_seconds": train_seconds,
         "method_name": method.name,
         "method": method.state_dict(),
         "rng": ranks[0]["rng"],  # this rank's (rank 0's)
         **({"ranks": ranks} if distributed.active() else {}),
-    }, session.paths.checkpoint)
+    }, buffer)
+    path = session.paths.checkpoint
+    with saving(path, "the previous checkpoint is kept: free some space and rerun the same command to continue"):
+        with _io.atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(session, method) -> tuple[int, float]:
     """Restore ``checkpoint.pt`` into ``method`` and the RNGs; return (step, training seconds)."""
     path = session.paths.checkpoint
     try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # every record's CRC-32
+        if damaged is not None:
+            raise ValueError(f"record {damaged} fails its CRC-32 check")
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path} is unreadable (truncated or corrupted?): {err}; delete it to restart the run") \
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile,
+            zipfile.LargeZipFile) as err:
+        raise ValueError(f"{path} is unreadable (truncated or corrupted: {err}); delete it to restart the run") \
             from err
     if state.get("method_name") != method.name:
         raise ConfigError(f"{path} was written by method {state.get('method_name')!r}, not {method.name!r}")
@@ -73,3 +113,32 @@ def load_checkpoint(session, method) -> tuple[int, float]:
         method.load_rank_state(own.get("method"))
     set_rng_state(own["rng"])
     return state["step"], state["train_seconds"]
+
+
+def file_digests(folder: str | Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (sub-folders included), by path relative to it; ``skip`` names
+    files to leave out."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() not in skip}
+
+
+def verify_digests(folder: str | Path, digests: dict[str, str], remedy: str = "") -> None:
+    """Raise naming the first file under ``folder`` that is missing (FileNotFoundError) or whose content is not
+    the one recorded in ``digests`` (ValueError: truncated or corrupted). ``remedy`` ends the message."""
+    folder = Path(folder)
+    for name, digest in digests.items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing{remedy}")
+        if _sha256(path) != digest:
+            raise ValueError(f"{path} is truncated or corrupted (its SHA-256 is not the one recorded when it was "
+                             f"saved){remedy}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

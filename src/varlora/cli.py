@@ -9,15 +9,18 @@ and a recipe file (YAML or JSON, the layout of ``config.json``) can set them fir
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from varlora.config import ConfigError, RunConfig, all_groups
+from varlora.config import MODEL_ENV, ConfigError, RunConfig, all_groups
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -198,7 +201,35 @@ def _cmd_methods(args: argparse.Namespace) -> None:
         print(f"{name:14} {kind:20} {(cls.__doc__ or '').strip().splitlines()[0]}")
 
 
+@contextlib.contextmanager
+def _shared_folder_defaults() -> Iterator[None]:
+    """The command line, unlike the library, looks in the project's ``../shared`` (:func:`varlora.tasks.shared_dir`):
+    inside the block ``$VARLORA_DATA_DIR`` defaults to ``../shared/data`` and ``$VARLORA_MODEL`` to the demo GGUF
+    there, where those exist and the variables are unset."""
+    from varlora.tasks import DATA_DIR_ENV, shared_dir
+
+    defaults = {}
+    if (shared := shared_dir()) is not None:
+        model = Path("..", "shared", "models", "SmolLM2-135M-Instruct.Q4_1.gguf")  # as the recipes name it
+        if (shared / "data").is_dir():
+            defaults[DATA_DIR_ENV] = str(shared / "data")
+        if model.is_file():
+            defaults[MODEL_ENV] = str(model)
+    added = {k: v for k, v in defaults.items() if not os.environ.get(k)}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _shared_folder_defaults():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "experiment": _cmd_experiment,
                "tasks": _cmd_tasks, "methods": _cmd_methods}[args.command]
@@ -208,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         distributed.init()  # several processes under torchrun; nothing otherwise
     try:
         handler(args)
-    except (ValueError, FileNotFoundError) as err:  # ConfigError, DataError, ModelLoadError are ValueErrors
+    # ConfigError, DataError, ModelLoadError and damaged-file errors are ValueErrors; SaveError (a full disk) and
+    # FileNotFoundError are OSErrors; FloatingPointError is a diverged training loss. Each names what failed.
+    except (ValueError, OSError, FloatingPointError) as err:
         print(f"varlora {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -19,6 +20,8 @@ from typing import Any, Literal
 
 __all__ = [
     "ConfigError",
+    "DEFAULT_MODEL",
+    "MODEL_ENV",
     "ModelArgs",
     "LoraArgs",
     "MethodArgs",
@@ -52,14 +55,19 @@ def check(condition: bool, name: str, value: Any, requirement: str) -> None:
         raise ConfigError(f"invalid {name}={value!r}: {requirement}")
 
 
+#: The environment variable naming the default base model (a hub id, a folder or a .gguf file).
+MODEL_ENV = "VARLORA_MODEL"
+#: The base model when neither ``model.name`` nor ``$VARLORA_MODEL`` names one.
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 @dataclass
 class ModelArgs:
     """The base causal LM."""
 
     name: str = option(
-        "Hugging Face id, local folder, or path to a .gguf file "
-        "(e.g. ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf)",
-        default="../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        f"Hugging Face id, local folder, or path to a .gguf file (default: ${MODEL_ENV}, else {DEFAULT_MODEL})",
+        default_factory=lambda: os.environ.get(MODEL_ENV) or DEFAULT_MODEL,
     )
     dtype: DType = option("dtype of the frozen base model; LoRA weights are always float32", default="float32")
 
@@ -107,7 +115,7 @@ class DataArgs:
                       default="arc_easy")
     scoring: ScoringMode = option("letter: published last-token protocol; cloze: choice log-likelihood",
                                  default="cloze")
-    data_dir: str | None = option("folder with the original data files (default: $VARLORA_DATA_DIR or ../shared/data)",
+    data_dir: str | None = option("folder with the original data files (default: $VARLORA_DATA_DIR, else the hub)",
                                  default=None)
     train_limit: int | None = option("random subset of the training split (seeded by the run seed)", default=None)
     eval_limit: int | None = option("first-N-by-seed subset of the validation split (seed 0, same for all runs)",

@@ -6,7 +6,8 @@ A run folder holds::
     metrics.jsonl               one row per step ("train") and per periodic evaluation ("eval")
     checkpoint.pt               the latest resumable training state, written atomically (varlora.checkpoint)
     final/                      the method's saved state (peft adapter, posterior, temperature, ...) and
-                                stage.json (training seconds, post-hoc fit, peak memory): training is done
+                                stage.json (training seconds, post-hoc fit, peak memory, the SHA-256 of every
+                                other file of final/, checked when it is loaded): training is done
     eval/<task>.json            the rows of every prediction (label, method, τ, samples, forward passes, metrics)
     eval/<task>.probs.safetensors   the probabilities of each row, per sample where it samples
     summary.json                written last: the run's results and cost; a finished run is only re-read
@@ -15,6 +16,11 @@ Running the same command again continues a killed run: from its checkpoint while
 after it (the post-hoc fit is not redone), and does nothing more for a finished one. A post-hoc method
 (``posthoc_of``) may take its trained adapter from a finished run of that method (``reuse``), whose config
 must then equal this run's apart from the method.
+
+Faults: a non-finite training loss stops the run with FloatingPointError naming the step (the last checkpoint
+is kept); a write that fails (disk full) raises :class:`~varlora.checkpoint.SaveError` naming the file, the
+files written before it intact, and the same command continues once there is space; a truncated or corrupted
+``checkpoint.pt`` or file of ``final/`` raises ValueError naming it.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from varlora import _io, distributed
-from varlora.checkpoint import load_checkpoint, save_checkpoint
+from varlora.checkpoint import file_digests, load_checkpoint, save_checkpoint, saving, verify_digests
 from varlora.config import ConfigError, RunConfig
 from varlora.cost import PeakMemory
 from varlora.evaluate import finish
@@ -40,8 +46,8 @@ from varlora.run_paths import RunPaths, task_file_stem
 from varlora.session import Session, scorer_for, setup
 from varlora.tasks import get_task
 
-__all__ = ["RunPaths", "Session", "setup", "fit", "train_run", "evaluate_run", "load_run", "task_file_stem",
-           "STAGE_FILE"]
+__all__ = ["RunPaths", "Session", "setup", "fit", "train_run", "evaluate_run", "load_run", "check_final",
+           "task_file_stem", "STAGE_FILE"]
 
 Log = Callable[[str], None]
 STAGE_FILE = "stage.json"
@@ -63,7 +69,8 @@ def fit(session: Session, method: Method, log: Log = print) -> float:
         step, train_seconds = load_checkpoint(session, method)
         if distributed.is_main():
             kept = [r for r in _io.read_jsonl(session.paths.metrics) if r["step"] <= step]
-            _io.write_text(session.paths.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+            with saving(session.paths.metrics, "nothing else was changed"):
+                _io.write_text(session.paths.metrics, "".join(json.dumps(r) + "\n" for r in kept))
         log(f"resuming {session.paths.root} from step {step}/{total}")
     elif session.paths.metrics.exists() and distributed.is_main():
         session.paths.metrics.unlink()
@@ -74,6 +81,7 @@ def fit(session: Session, method: Method, log: Log = print) -> float:
     session.model.train()
     bar = tqdm(total=total, initial=step, desc=f"{method.name} {session.config.data.task}", unit="step",
                dynamic_ncols=True, disable=None if distributed.is_main() else True)
+    saved = step  # the step of checkpoint.pt (0: none yet)
     while step < total:
         started = time.perf_counter()
         result = method.train_step(step)
@@ -81,7 +89,9 @@ def fit(session: Session, method: Method, log: Log = print) -> float:
         train_seconds += seconds
         step += 1
         if not math.isfinite(result.loss):
-            raise FloatingPointError(f"training loss became {result.loss} at step {step}; lower the learning rate")
+            kept = f"checkpoint.pt of step {saved} is kept" if saved else "no checkpoint was written yet"
+            raise FloatingPointError(f"training loss became {result.loss} at step {step} ({kept}); lower the "
+                                     "learning rate in a new run folder")
         rows = [{"kind": "train", "step": step, "loss": result.loss, **result.stats, "step_seconds": seconds,
                  "train_seconds": train_seconds}]
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
@@ -90,6 +100,7 @@ def fit(session: Session, method: Method, log: Log = print) -> float:
         _append_rows(session.paths.metrics, rows)
         if step % cfg.save_every == 0 or step == total:
             save_checkpoint(session, method, step, train_seconds)
+            saved = step
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss:.3f}", **({"acc": f"{rows[-1]['acc']:.1f}"} if len(rows) > 1 else {}))
     bar.close()
@@ -106,7 +117,8 @@ def _periodic_eval(session: Session, method: Method, step: int, train_seconds: f
 def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     if not distributed.is_main():
         return
-    with open(path, "a") as handle:
+    with saving(path, "the rows before are intact: free some space and rerun the same command to continue"), \
+            open(path, "a") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
         handle.flush()
@@ -177,11 +189,34 @@ def _train_or_reuse(session: Session, method: Method, reuse: Path | None, memory
 
 
 def _save_final(session: Session, method: Method, stage: dict[str, Any]) -> None:
+    """Write ``final/`` in one piece: the method's files, then stage.json with their digests."""
     if not distributed.is_main():
         return
-    with _io.atomic_dir(session.paths.final) as folder:
+    kept = "checkpoint.pt is kept: free some space and rerun the same command to save it again"
+    with saving(session.paths.final, kept), _io.atomic_dir(session.paths.final) as folder:
         method.save(folder)
-        _io.write_json(folder / STAGE_FILE, stage)
+        _io.write_json(folder / STAGE_FILE, stage | {"files": file_digests(folder)})
+
+
+def check_final(folder: Path) -> dict[str, Any]:
+    """Check every file of a run's ``final/`` against the digests in its stage.json and return the stage record.
+
+    Raises FileNotFoundError or ValueError naming a missing or damaged file. A ``final/`` saved before digests
+    were recorded is checked only for a readable stage.json.
+    """
+    remedy = (f"; delete {folder} (and summary.json beside it) and rerun the same `varlora train` command to save "
+              "it again from checkpoint.pt")
+    stage_path = folder / STAGE_FILE
+    try:
+        stage = json.loads(stage_path.read_text())
+        if not isinstance(stage, dict):
+            raise ValueError(f"expected a JSON object, got {type(stage).__name__}")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{stage_path} is missing: the run has not finished training") from err
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{stage_path} is truncated or corrupted ({err}){remedy}") from err
+    verify_digests(folder, stage.get("files", {}), remedy)
+    return stage
 
 
 def evaluate_run(session: Session, method: Method, task_name: str | None = None, log: Log = print,
@@ -225,16 +260,19 @@ def _save_predictions(session: Session, task_name: str, predictions: list[Predic
         tensors[f"probs/{p.label}"] = p.probs.contiguous()
         if p.sample_probs is not None:
             tensors[f"sample_probs/{p.label}"] = p.sample_probs.contiguous()
-    with _io.atomic_path(session.paths.eval_probs(task_name)) as tmp:
+    kept = "final/ is kept: free some space and rerun the same command to evaluate again"
+    with saving(session.paths.eval_probs(task_name), kept), \
+            _io.atomic_path(session.paths.eval_probs(task_name)) as tmp:
         save_file(tensors, str(tmp))
-    _io.write_json(session.paths.eval_json(task_name), {
-        "task": task_name,
-        "train_task": c.data.task,
-        "scoring": c.data.scoring,
-        "n_examples": len(predictions[0].labels),
-        "eval_seconds": seconds,
-        "predictions": [prediction_row(p) for p in predictions],
-    })
+    with saving(session.paths.eval_json(task_name), kept):
+        _io.write_json(session.paths.eval_json(task_name), {
+            "task": task_name,
+            "train_task": c.data.task,
+            "scoring": c.data.scoring,
+            "n_examples": len(predictions[0].labels),
+            "eval_seconds": seconds,
+            "predictions": [prediction_row(p) for p in predictions],
+        })
 
 
 def load_run(run_dir: str | Path, config: RunConfig | None = None) -> tuple[Session, Method]:
@@ -243,6 +281,7 @@ def load_run(run_dir: str | Path, config: RunConfig | None = None) -> tuple[Sess
     if not paths.config.exists():
         raise ConfigError(f"{paths.root} is not a run folder (no config.json)")
     config = config or RunConfig.load(paths.config)
+    check_final(paths.final)
     session = setup(config, paths.root, need_train=False)
     method = build_method(session)
     method.load(paths.final)
@@ -281,8 +320,8 @@ def train_run(config: RunConfig, run_dir: str | Path, log: Log = print, reuse: s
     stage_path = paths.final / STAGE_FILE
     if distributed.broadcast_object(stage_path.is_file()):
         log(f"{paths.final} is complete; evaluating it")
+        stage = check_final(paths.final)
         method.load(paths.final)
-        stage = json.loads(stage_path.read_text())
     else:
         stage = _train_or_reuse(session, method, Path(reuse) if reuse else None, memory, log)
         _save_final(session, method, stage)
@@ -304,6 +343,7 @@ def train_run(config: RunConfig, run_dir: str | Path, log: Log = print, reuse: s
                "n_eval": len(session.val_examples), "results": results, "rows": rows, "cost": cost,
                "processes": distributed.world_size()}
     if distributed.is_main():
-        _io.write_json(summary_path, summary)
+        with saving(summary_path, "final/ and eval/ are kept: free some space and rerun the same command"):
+            _io.write_json(summary_path, summary)
     distributed.barrier()
     return summary

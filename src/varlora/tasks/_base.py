@@ -34,6 +34,9 @@ IGNORE_SHARED_ENV = "VARLORA_IGNORE_SHARED"
 def shared_dir() -> Path | None:
     """``../shared`` (relative to the working directory) when it exists, else ``None``.
 
+    Only the command line and the demo look there (:func:`resolve_data_dir` does not): the library takes
+    explicit paths or environment variables.
+
     ``None`` also when ``$VARLORA_IGNORE_SHARED`` is set to anything but ``""`` or ``"0"``: a machine without
     the shared folder, simulated (to test that the demo needs only PyPI).
     """
@@ -75,10 +78,9 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
     """The local data folder, first match wins.
 
     1. ``data_dir`` when given;
-    2. the ``VARLORA_DATA_DIR`` environment variable when set (non-empty);
-    3. ``../shared/data`` relative to the current working directory, if that folder exists (see
-       :func:`shared_dir`: ``$VARLORA_IGNORE_SHARED`` hides it);
-    4. ``None``: no local data; tasks then load from the Hugging Face hub.
+    2. the ``VARLORA_DATA_DIR`` environment variable when set (non-empty; the ``varlora`` command sets it to
+       ``../shared/data`` when that folder exists and the variable is unset, see :func:`shared_dir`);
+    3. ``None``: no local data; tasks then load from the Hugging Face hub.
 
     An explicit folder (1 or 2) that does not exist is an error rather than a silent fall-through.
     """
@@ -89,8 +91,7 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
             origin = "data_dir" if data_dir is not None else DATA_DIR_ENV
             raise FileNotFoundError(f"{origin} points to {str(path)!r}, which is not a folder")
         return path
-    shared = shared_dir()
-    return shared / "data" if shared is not None and (shared / "data").is_dir() else None
+    return None
 
 
 def subsample(examples: list[Example], limit: int | None, seed: int | None) -> list[Example]:
