@@ -74,3 +74,9 @@ def test_save_load_round_trip_and_mismatch_errors(tmp_path):
             pass
     with pytest.raises(FileNotFoundError, match="trained with IVON"):
         Posterior.load(tmp_path / "nowhere")
+
+
+def test_a_damaged_posterior_file_names_itself(tmp_path):
+    (tmp_path / "posterior.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{truncated")
+    with pytest.raises(ValueError, match="posterior.safetensors is unreadable"):
+        Posterior.load(tmp_path)

@@ -170,6 +170,7 @@ def _train_or_reuse(session: Session, method: Method, reuse: Path | None, memory
     memory.reset()
     if source is not None and not session.paths.checkpoint.exists():
         log(f"reusing the trained adapter of {reuse} ({method.posthoc_of})")
+        check_final(reuse / "final")
         get_method(method.posthoc_of).load(method, reuse / "final")
         if distributed.is_main() and (reuse / "metrics.jsonl").exists():
             shutil.copyfile(reuse / "metrics.jsonl", session.paths.metrics)
