@@ -291,3 +291,14 @@ def test_real_zero_shot_cloze_arc_easy_beats_chance(smollm):
             batch = scorer.collate(examples[i : i + 25])
             correct += (scorer.choice_logits(model, batch).argmax(-1) == batch["labels"]).sum().item()
     assert correct / len(examples) > 0.38  # chance 0.25; measured 0.44 (DESIGN: 44% on the first 300)
+
+
+def test_training_forward_reads_no_deprecated_checkpointing_flag(letter_tokenizer):
+    """The scorer asks transformers for `is_activation_checkpointing`; the old name warns on every step."""
+    import warnings
+
+    model = _lora(tiny_llama()).train()
+    scorer = make_scorer("cloze", letter_tokenizer, MC_TASK, max_length=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        scorer.choice_logits(model, scorer.collate(MC))

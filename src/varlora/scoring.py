@@ -64,6 +64,13 @@ def _to_model_device(model: torch.nn.Module, batch: dict[str, Tensor]) -> dict[s
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on, by transformers' current name for it
+    (``is_activation_checkpointing``; the old ``is_gradient_checkpointing`` warns on every read)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
+
+
 def _at_least_fp32(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
@@ -282,7 +289,7 @@ class ClozeScorer(Scorer):
         cont, cont_mask = batch["continuation_ids"], batch["continuation_mask"]
         choice_mask = batch["choice_mask"]
         B, K = choice_mask.shape
-        if ctx.shape[0] != B * K and model.training and getattr(model, "is_gradient_checkpointing", False):
+        if ctx.shape[0] != B * K and model.training and _checkpointing(model):
             # checkpointed models run without a KV cache: expand to one sequence per pair
             ctx, ctx_mask = ctx.repeat_interleave(K, 0), ctx_mask.repeat_interleave(K, 0)
         if ctx.shape[0] == B * K:
