@@ -235,8 +235,8 @@ def _cmd_methods(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo, "experiment": _cmd_experiment,
-               "tasks": _cmd_tasks, "methods": _cmd_methods}[args.command]
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo,
+               "experiment": _cmd_experiment, "tasks": _cmd_tasks, "methods": _cmd_methods}[args.command]
     if args.command in ("train", "experiment"):
         from varlora import distributed
 
