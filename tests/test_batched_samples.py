@@ -106,10 +106,10 @@ def test_ivon_predicts_the_same_batched_and_sequential(tmp_path):
                      eval={"taus": [0.0, 0.5, 1.0]})
     train_run(config, tmp_path / "run", log=_quiet)
     session, method = load_run(tmp_path / "run")
-    assert session.config.eval.batched_samples  # the default
-    batched = method.predict(session.val_examples, session.scorer)
-    session.config.eval = replace(session.config.eval, batched_samples=False)
+    assert not session.config.eval.batched_samples  # the default
     sequential = method.predict(session.val_examples, session.scorer)
+    session.config.eval = replace(session.config.eval, batched_samples=True)
+    batched = method.predict(session.val_examples, session.scorer)
     assert [p.label for p in batched] == [p.label for p in sequential] == ["ivon@mean", "ivon[tau=0.5]", "ivon"]
     for b, s in zip(batched, sequential, strict=True):
         assert b.n_samples == s.n_samples and b.forward_passes == s.forward_passes

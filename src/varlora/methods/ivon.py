@@ -3,7 +3,7 @@
 Training learns q(θ) = N(m, diag(σ²)), σ² = 1 / (λ (h + δ)), over the LoRA weights (see
 :class:`varlora.IVON`); the final posterior is saved as ``final/posterior.safetensors``. Prediction, one row
 per τ in ``eval.taus``: τ = 0 is IVON@mean (one forward at m); τ > 0 averages the probabilities of
-``eval.n_samples`` samples θₛ = m + √τ σ ⊙ εₛ (by default all in one folded forward, ``eval.batched_samples``:
+``eval.n_samples`` samples θₛ = m + √τ σ ⊙ εₛ (with ``eval.batched_samples``, all in one folded forward:
 :mod:`varlora._batched_lora`). The noise of every τ comes from a fresh generator seeded with
 ``eval.seed`` (common random numbers: the τ curve is smooth, and a re-evaluation reproduces the metrics).
 """
