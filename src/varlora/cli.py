@@ -1,4 +1,4 @@
-"""The ``varlora`` command line: train, eval, demo, experiment, tasks, methods.
+"""The ``varlora`` command line: train, eval, predict, demo, experiment, tasks, methods.
 
 Options of ``train`` are generated from the config dataclasses (``--<group>.<field>``, help from the
 field's metadata; every registered method's section is a group, e.g. ``--ivon.lr``, ``--ensemble.members``),
@@ -124,6 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--taus", type=float, nargs="+", help="variance scales (default: the run's)")
     evaluate.add_argument("--n-samples", type=int, help="samples of a sampled method (default: the run's)")
     evaluate.add_argument("--n-bins", type=int, help="ECE bins (default: the run's)")
+    size = evaluate.add_mutually_exclusive_group()
+    size.add_argument("--limit", type=int, help="evaluate N examples of each task (seed-0 subset; default: the "
+                                                "run's data.eval_limit)")
+    size.add_argument("--all", action="store_true", help="evaluate every example of each task's validation split")
+
+    predict = sub.add_parser("predict", help="predict with a finished run on your own questions (JSONL in, JSONL "
+                                             "out: probabilities, choice, confidence, entropy, mutual information)")
+    predict.add_argument("run_dir", help="a run folder written by `varlora train`")
+    predict.add_argument("--input", required=True, help='JSONL file, one {"question", "choices": [...], '
+                                                        '"answer"?: 0} per line')
+    predict.add_argument("--output", required=True, help="JSONL file to write, one prediction per line")
+    predict.add_argument("--model", help="base model (hub id, folder or GGUF file) instead of the run's")
+    predict.add_argument("--n-samples", type=int, help="samples of a sampled method (default: the run's)")
+    predict.add_argument("--tau", type=float, help="IVON: posterior variance scale in [0, 1] (0: the mean)")
+    predict.add_argument("--row", help="prediction row by label, e.g. ivon@mean (default: the method's sampled "
+                                       "row)")
+    predict.add_argument("--batch-size", type=int, help="examples per forward (default: the run's)")
 
     demo = sub.add_parser("demo", help="offline demo: SmolLM2-135M on ARC-Easy, AdamW vs IVON, table and plots")
     demo.add_argument("--out", default="runs/demo", help="output folder (a rerun resumes it)")
@@ -162,6 +179,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in (("taus", args.taus), ("n_samples", args.n_samples), ("n_bins", args.n_bins))
                  if v is not None}
     config.eval = replace(config.eval, **overrides)
+    if args.limit is not None or args.all:
+        config.data = replace(config.data, eval_limit=None if args.all else args.limit)
+        overrides["eval_limit"] = config.data.eval_limit
     session, method = load_run(paths.root, config)
     tasks = args.task or [config.data.task]
     saved = {t: json.loads(paths.eval_json(t).read_text()) for t in tasks if paths.eval_json(t).exists()}
@@ -170,7 +190,22 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         if task_name in saved and not overrides:
             before = {row["label"]: row["metrics"] for row in saved[task_name].get("predictions", [])}
             same = all(before.get(p.label) == p.metrics for p in predictions)
-            print(f"{task_name}: {'reproduces' if same else 'DIFFERS FROM'} the metrics saved by training")
+            print(f"{task_name}: {'reproduces' if same else 'DIFFERS FROM'} the metrics saved by training "
+                  f"(n={len(predictions[0].labels)})")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from varlora.predictor import load, write_jsonl
+
+    predictor = load(args.run_dir, model=args.model)
+    predictions = predictor.predict(Path(args.input), n_samples=args.n_samples, tau=args.tau, row=args.row,
+                                    batch_size=args.batch_size)
+    n = write_jsonl(predictions, args.output)
+    first = predictions[0]
+    answered = [p for p in predictions if p.answer is not None]
+    acc = f", accuracy {100 * sum(p.prediction == p.answer for p in answered) / len(answered):.1f}% on the " \
+          f"{len(answered)} with an answer" if answered else ""
+    print(f"{args.output}: n={n} predictions of {first.row} (tau={first.tau}, {first.n_samples} samples){acc}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -231,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "experiment": _cmd_experiment,
-               "tasks": _cmd_tasks, "methods": _cmd_methods}[args.command]
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo,
+               "experiment": _cmd_experiment, "tasks": _cmd_tasks, "methods": _cmd_methods}[args.command]
     if args.command in ("train", "experiment"):
         from varlora import distributed
 

@@ -172,6 +172,11 @@ class EvalArgs:
     n_bins: int = option("equal-width bins of the expected calibration error", default=10)
     batch_size: int = option("examples per evaluation forward", default=8)
     seed: int = option("seed of the evaluation noise (fixed: a re-evaluation reproduces the metrics)", default=0)
+    batched_samples: bool = option(
+        "IVON: run the n_samples posterior samples in one forward (batch folded n_samples times, per-sample LoRA "
+        "weights by batched matmul) instead of one forward each; the same noise, equal up to float rounding (off: not "
+        "faster on CPU in benchmarks/sampled_eval.py)",
+        default=False)
     ood_tasks: list[str] = option("other tasks to evaluate the final posterior on (out of distribution)",
                                  default_factory=list)
 

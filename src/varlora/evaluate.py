@@ -11,12 +11,13 @@ for sampled rows the mean mutual information.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from varlora import distributed
+from varlora._batched_lora import batched_lora, fold_batch
 from varlora.metrics import compute_metrics, mutual_information, predictive_entropy
 from varlora.prediction import Prediction
 from varlora.tasks import Example
@@ -24,29 +25,35 @@ from varlora.tasks import Example
 if TYPE_CHECKING:
     from varlora.methods.base import Method
 
-__all__ = ["Prediction", "predict_logits", "deterministic_prediction", "sampled_prediction", "finish",
-           "labels_of"]
+__all__ = ["Prediction", "predict_logits", "deterministic_prediction", "sampled_prediction",
+           "batched_sampled_prediction", "finish", "labels_of"]
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, scorer, examples: Sequence[Example], batch_size: int) -> torch.Tensor:
+def predict_logits(model: torch.nn.Module, scorer, examples: Sequence[Example], batch_size: int,
+                   n_samples: int | None = None) -> torch.Tensor:
     """Choice logits (N, K) float64 at the model's current weights, in the mode the model is in.
 
     Examples are batched in order of text length (less padding), and the rows returned in input order.
     Under :mod:`varlora.distributed` each rank scores every N-th example of that order and every rank gets
-    all the rows.
+    all the rows. With ``n_samples = S`` each batch is folded S times (inside :func:`varlora._batched_lora.
+    batched_lora`, one posterior sample per block of rows) and the logits are (S, N, K).
     """
     order = sorted(range(len(examples)), key=lambda i: _text_length(examples[i]))[distributed.rank() ::
                                                                                    distributed.world_size()]
     chunks = []
     for start in range(0, len(order), batch_size):
         batch = scorer.collate([examples[i] for i in order[start : start + batch_size]])
-        chunks.append(scorer.choice_logits(model, batch).double().cpu())  # (B, K)
+        if n_samples is None:
+            chunks.append(scorer.choice_logits(model, batch).double().cpu())  # (B, K)
+            continue
+        folded = scorer.choice_logits(model, fold_batch(batch, n_samples)).double().cpu()  # (S·B, K)
+        chunks.append(folded.view(n_samples, -1, folded.shape[-1]).transpose(0, 1))  # (B, S, K)
     parts = distributed.all_gather_objects((order, torch.cat(chunks) if chunks else None))
     rows = torch.tensor([i for indices, _ in parts for i in indices])
     logits = torch.empty(len(examples), *next(p.shape[1:] for _, p in parts if p is not None), dtype=torch.float64)
     logits[rows] = torch.cat([p for _, p in parts if p is not None])
-    return logits
+    return logits if n_samples is None else logits.transpose(0, 1).contiguous()
 
 
 def _text_length(example: Example) -> int:
@@ -94,6 +101,28 @@ def sampled_prediction(method: Method, label: str, examples: Sequence[Example], 
     sample_probs = torch.stack(stacked)  # (S, N, K)
     return Prediction(label=label, method=method.name, probs=sample_probs.mean(0), labels=labels_of(examples),
                       sample_probs=sample_probs, **{"n_samples": n_samples, "forward_passes": n_samples, **fields})
+
+
+def batched_sampled_prediction(method: Method, label: str, examples: Sequence[Example], scorer: Any,
+                               samples: Mapping[str, torch.Tensor], samples_per_forward: int | None = None,
+                               **fields: Any) -> Prediction:
+    """:func:`sampled_prediction` with the S samples of the LoRA weights given at once (name → (S, \\*shape),
+    e.g. :func:`varlora.optim.sampling.stacked_named_samples`) and run ``samples_per_forward`` at a time
+    (default: all S) in one folded forward each (:mod:`varlora._batched_lora`); equal to the sequential path
+    up to float rounding."""
+    model = method.session.model
+    S = next(iter(samples.values())).shape[0]
+    step = samples_per_forward or S
+    stacked = []
+    with eval_mode(model):
+        for start in range(0, S, step):
+            part = {n: t[start : start + step] for n, t in samples.items()}
+            with batched_lora(model, part) as n:
+                logits = predict_logits(model, scorer, examples, method.config.eval.batch_size, n_samples=n)
+            stacked.append(torch.softmax(logits, -1))  # (n, N, K)
+    sample_probs = torch.cat(stacked)  # (S, N, K)
+    return Prediction(label=label, method=method.name, probs=sample_probs.mean(0), labels=labels_of(examples),
+                      sample_probs=sample_probs, **{"n_samples": S, "forward_passes": S, **fields})
 
 
 def finish(prediction: Prediction, n_bins: int) -> Prediction:

@@ -68,8 +68,13 @@ class Session:
         return [pool[i] for i in sorted(pick[:n].tolist())]
 
 
-def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True) -> Session:
-    """Load the model and data of ``config``; LoRA is initialised from the run seed."""
+def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True, need_data: bool = True) -> Session:
+    """Load the model and data of ``config``; LoRA is initialised from the run seed.
+
+    ``need_train=False``: only the evaluation examples are loaded. ``need_data=False``: no task data at all
+    (the task is not even looked up; ``scorer`` is None and the example lists are empty), for prediction on
+    examples given by the caller (:func:`varlora.load`).
+    """
     paths = RunPaths(Path(run_dir))
     torch.manual_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model.name)
@@ -78,6 +83,8 @@ def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True) ->
     model.to(distributed.local_device())
     if distributed.rank() > 0:  # the same LoRA initialisation on every rank, but rank-specific dropout
         torch.manual_seed(config.train.seed * 1_000_003 + distributed.rank())
+    if not need_data:
+        return Session(config, paths, model, lora_parameters(model), tokenizer, None, [], [], [])
     task = get_task(config.data.task)
     train_examples, val_examples, unused = load_splits(task, config, need_train=need_train)
     return Session(config, paths, model, lora_parameters(model), tokenizer, scorer_for(config, tokenizer, task),

@@ -3,7 +3,8 @@
 Training learns q(θ) = N(m, diag(σ²)), σ² = 1 / (λ (h + δ)), over the LoRA weights (see
 :class:`varlora.IVON`); the final posterior is saved as ``final/posterior.safetensors``. Prediction, one row
 per τ in ``eval.taus``: τ = 0 is IVON@mean (one forward at m); τ > 0 averages the probabilities of
-``eval.n_samples`` samples θₛ = m + √τ σ ⊙ εₛ. The noise of every τ comes from a fresh generator seeded with
+``eval.n_samples`` samples θₛ = m + √τ σ ⊙ εₛ (with ``eval.batched_samples``, all in one folded forward:
+:mod:`varlora._batched_lora`). The noise of every τ comes from a fresh generator seeded with
 ``eval.seed`` (common random numbers: the τ curve is smooth, and a re-evaluation reproduces the metrics).
 """
 
@@ -17,11 +18,13 @@ from typing import Any
 import torch
 
 from varlora import distributed
+from varlora._batched_lora import supports
 from varlora.config import check, option
-from varlora.evaluate import deterministic_prediction, sampled_prediction
+from varlora.evaluate import batched_sampled_prediction, deterministic_prediction, sampled_prediction
 from varlora.methods.base import Method, Prediction, StepResult, register
 from varlora.methods.training import backward_batch, linear_scheduler, optimizer_state_bytes, restore, snapshot
 from varlora.optim import IVON, validate_ivon_hyperparameters
+from varlora.optim.sampling import stacked_named_samples
 from varlora.posterior import Posterior
 
 __all__ = ["IVONArgs", "IVONMethod", "tau_label"]
@@ -143,6 +146,11 @@ class IVONMethod(Method):
                 rows.append(deterministic_prediction(self, tau_label(0.0), examples, scorer, tau=0.0))
                 continue
             generator = torch.Generator().manual_seed(self.config.eval.seed)
+            if self.config.eval.batched_samples and supports(self.session.model, set(self.session.params)):
+                samples = stacked_named_samples(self.session.params, self.posterior.std, tau=tau,
+                                                generator=generator, n_samples=self.config.eval.n_samples)
+                rows.append(batched_sampled_prediction(self, tau_label(tau), examples, scorer, samples, tau=tau))
+                continue
 
             def sample(_: int, tau: float = tau, generator: torch.Generator = generator):
                 return self.posterior.sampled(self.session.params, tau, generator)

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 from torch import Tensor
 
-__all__ = ["check_tau", "perturbed_named_params", "perturbed_params"]
+__all__ = ["check_tau", "perturbed_named_params", "perturbed_params", "stacked_named_samples"]
 
 
 def check_tau(tau: float) -> float:
@@ -103,3 +103,39 @@ def perturbed_named_params(
         raise ValueError(f"no std for the parameters {missing}")
     names = sorted(params)
     return perturbed_params([params[n] for n in names], [stds[n] for n in names], tau=tau, generator=generator)
+
+
+def stacked_named_samples(
+    params: Mapping[str, Tensor], stds: Mapping[str, Tensor], *, tau: float, generator: torch.Generator,
+    n_samples: int,
+) -> dict[str, Tensor]:
+    r"""``n_samples`` samples :math:`\theta_s = m + \sqrt\tau\,\sigma\odot\epsilon_s` at once: name →
+    (S, \*shape) tensor in the parameter's dtype and device.
+
+    The noise is drawn exactly as ``n_samples`` successive :func:`perturbed_named_params` blocks draw it from
+    ``generator`` (sample by sample, each in sorted-name order) and rounded the same way, so sample ``s`` equals
+    the parameters inside the ``s``-th block bit for bit. The parameters themselves are not modified.
+    """
+    tau = check_tau(tau)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    missing = sorted(set(params) - set(stds))
+    if missing:
+        raise ValueError(f"no std for the parameters {missing}")
+    names = sorted(params)
+    for n in names:
+        if stds[n].shape != params[n].shape:
+            raise ValueError(f"std of shape {tuple(stds[n].shape)} for a parameter of shape {tuple(params[n].shape)}")
+    scale = math.sqrt(tau)
+    out: dict[str, list[Tensor]] = {n: [] for n in names}
+    with torch.no_grad():
+        for _ in range(n_samples):
+            for n in names:
+                p, std = params[n], stds[n]
+                eps = torch.randn(p.shape, generator=generator, dtype=torch.float32, device=generator.device)
+                if tau == 0.0:
+                    out[n].append(p.detach().clone())
+                    continue
+                delta = (scale * std) * eps.to(device=std.device, dtype=std.dtype)  # √τ σ⊙ε
+                out[n].append(torch.add(p.detach(), delta.to(p.device)).to(p.dtype))  # rounded once
+    return {n: torch.stack(v) for n, v in out.items()}
