@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,15 @@ def tiny_llama(seed: int = 0, vocab_size: int = 320, dtype: torch.dtype = torch.
         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared busy machine threads make them much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -96,3 +106,28 @@ def tiny_letter_tokenizer(add_bos: bool = False):
 @pytest.fixture(scope="module")
 def letter_tokenizer():
     return tiny_letter_tokenizer()
+
+
+WORDS = ["red", "blue", "green", "gold", "gray", "pink", "black", "white"]
+
+
+def write_colour_data(folder: Path, n: int, seed: int) -> Path:
+    """A learnable 4-way task: the answer is the colour named in the question."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        choices = [WORDS[j] for j in torch.randperm(len(WORDS), generator=gen)[:4].tolist()]
+        answer = int(torch.randint(4, (1,), generator=gen))
+        rows.append({"id": f"s{seed}q{i}", "question": f"Which colour is {choices[answer]}?", "choices": choices,
+                     "answer": answer})
+    path = folder / f"data{seed}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def build_assets(folder: Path, n_train: int = 48, n_val: int = 16) -> dict[str, str]:
+    """A tiny Llama with its tokenizer and a jsonl task, saved in ``folder``."""
+    tiny_llama(seed=0).save_pretrained(folder / "model")
+    tiny_tokenizer().save_pretrained(folder / "model")
+    train, val = write_colour_data(folder, n_train, seed=1), write_colour_data(folder, n_val, seed=2)
+    return {"model": str(folder / "model"), "task": f"jsonl:train={train},validation={val}"}

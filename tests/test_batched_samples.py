@@ -97,8 +97,8 @@ def test_batched_lora_refuses_what_it_cannot_sample():
 def test_ivon_predicts_the_same_batched_and_sequential(tmp_path):
     from dataclasses import replace
 
+    from conftest import build_assets
     from test_methods import _config, _quiet
-    from test_train import build_assets
     from varlora.train import load_run, train_run
 
     assets = build_assets(tmp_path / "assets", n_train=16, n_val=6)

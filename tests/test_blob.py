@@ -14,15 +14,6 @@ from varlora.methods._blob_math import kl_period, kl_weight
 from varlora.methods._flipout import BlobPosterior, FixedFlipout, gaussian_kl, lora_a_modules
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and a shared busy machine makes them much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_peft(seed: int = 0, dropout: float = 0.0, dtype: torch.dtype = torch.float32):
     model = get_peft_model(tiny_llama(seed, dtype=dtype),
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj"]))

@@ -4,13 +4,12 @@ save / reload / re-evaluate bit for bit, and its two rows."""
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import build_assets
 from varlora.checkpoint import rng_state, set_rng_state
 from varlora.config import ConfigError, RunConfig
 from varlora.methods import build_method
@@ -18,41 +17,9 @@ from varlora.methods.blob import BLOB_FILE, BLoBArgs
 from varlora.session import setup
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and a shared busy machine makes them much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-WORDS = ["red", "blue", "green", "gold", "gray", "pink", "black", "white"]
-
-
-def _write_data(folder: Path, n: int, seed: int) -> Path:
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        choices = [WORDS[j] for j in torch.randperm(len(WORDS), generator=gen)[:4].tolist()]
-        answer = int(torch.randint(4, (1,), generator=gen))
-        rows.append({"id": f"q{seed}-{i}", "question": f"Which colour is {choices[answer]}?", "choices": choices,
-                     "answer": answer})
-    path = folder / f"data{seed}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def build_assets(folder: Path, n_train: int = 40, n_val: int = 12) -> dict[str, str]:
-    """A tiny Llama, its tokenizer and a jsonl colour task, saved in ``folder``."""
-    tiny_llama(seed=0).save_pretrained(folder / "model")
-    tiny_tokenizer().save_pretrained(folder / "model")
-    train, val = _write_data(folder, n_train, seed=1), _write_data(folder, n_val, seed=2)
-    return {"model": str(folder / "model"), "task": f"jsonl:train={train},validation={val}"}
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    return build_assets(tmp_path_factory.mktemp("blob_assets"))
+    return build_assets(tmp_path_factory.mktemp("blob_assets"), n_train=40, n_val=12)
 
 
 def run_config(assets, method: str, **sections) -> RunConfig:

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import build_assets
+from conftest import build_assets
 from varlora.cli import main
 
 STEPS, SAVE_EVERY = 12, 4

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import varlora
-from test_train import build_assets
+from conftest import build_assets
 from varlora.config import RunConfig
 from varlora.methods import METHODS, get_method
 from varlora.methods.temperature import fit_temperature, nll_at_temperature

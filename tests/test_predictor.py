@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import varlora
+from conftest import build_assets
 from test_methods import _config, _quiet
-from test_train import build_assets
 from varlora.cli import main
 from varlora.methods import METHODS
 from varlora.metrics import mutual_information, predictive_entropy

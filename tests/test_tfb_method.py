@@ -18,14 +18,6 @@ from varlora.session import setup
 TFB = {"n_anchor": 8, "search_steps": 4, "search_samples": 2, "sigma_lo": 0.001, "sigma_hi": 0.5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trained(assets, folder, **tfb):  # noqa: F811
     """A MAP adapter trained enough (8 steps, lr 0.03) that the anchor NLL moves with σ inside [lo, hi]."""
     config = run_config(assets, "tfb", tfb=TFB | tfb, adamw={"lr": 3e-2}, train={"steps": 8})

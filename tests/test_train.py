@@ -15,35 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import build_assets, write_colour_data
 from varlora.cli import main
 from varlora.config import ConfigError, RunConfig
 from varlora.schedule import batch_indices, linear_schedule
 from varlora.train import RunPaths, task_file_stem, train_run
-
-WORDS = ["red", "blue", "green", "gold", "gray", "pink", "black", "white"]
-
-
-def _write_data(folder: Path, n: int, seed: int) -> Path:
-    """A learnable 4-way task: the answer is the colour named in the question."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        choices = [WORDS[j] for j in torch.randperm(len(WORDS), generator=gen)[:4].tolist()]
-        answer = int(torch.randint(4, (1,), generator=gen))
-        rows.append({"id": f"s{seed}q{i}", "question": f"Which colour is {choices[answer]}?", "choices": choices,
-                     "answer": answer})
-    path = folder / f"data{seed}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def build_assets(folder: Path, n_train: int = 48, n_val: int = 16) -> dict[str, str]:
-    """A tiny Llama with its tokenizer and a jsonl task, saved in ``folder``."""
-    tiny_llama(seed=0).save_pretrained(folder / "model")
-    tiny_tokenizer().save_pretrained(folder / "model")
-    train, val = _write_data(folder, n_train, seed=1), _write_data(folder, n_val, seed=2)
-    return {"model": str(folder / "model"), "task": f"jsonl:train={train},validation={val}"}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +85,7 @@ def test_train_evaluate_and_reload_reproduce_metrics(assets, tmp_path, optimizer
     assert "reproduces the metrics saved by training" in capsys.readouterr().out
     assert json.loads(RunPaths(run).eval_json(summary["task"]).read_text())["predictions"] == saved["predictions"]
     # out of distribution: the same posterior evaluated on another task's data
-    other = f"jsonl:validation={_write_data(run, 10, seed=5)}"
+    other = f"jsonl:validation={write_colour_data(run, 10, seed=5)}"
     assert main(["eval", str(run), "--task", other]) == 0
     ood = json.loads(RunPaths(run).eval_json(other).read_text())
     assert ood["task"] == other and ood["train_task"] == summary["task"] and ood["n_examples"] == 10

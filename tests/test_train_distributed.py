@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from test_train import build_assets
+from conftest import build_assets
 from varlora import distributed
 from varlora.config import ConfigError, RunConfig
 from varlora.train import train_run
