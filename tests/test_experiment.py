@@ -172,3 +172,17 @@ def test_tau_curves_use_only_the_seeds_that_evaluated_every_tau(tmp_path):
     assert baselines["arc_easy"]["acc"] == 50.0
     both = report._tau_curves([r for r in results if r.label != "ivon[tau=0.5]"])
     assert both[2] == {1, 2} and both[0]["arc_easy"][0]["acc"] == 65.0 and both[1]["arc_easy"]["acc"] == 70.0
+
+
+def test_a_posthoc_variant_reuses_the_map_variant_even_when_run_alone(tmp_path):
+    """`--variants temperature` must still find the adamw variant's run of the same task and seed."""
+    from varlora.experiment import _reuse_source
+
+    path = tmp_path / "p.yaml"
+    path.write_text("description: x\nbase: {adamw: {lr: 0.01}}\nvariants: {map: {method: {name: adamw}}, "
+                    "other: {method: {name: adamw}, adamw: {lr: 0.5}}, t: {method: {name: temperature}}}\n"
+                    "tasks: {arc_easy: null}\nseeds: [1, 2]\n")
+    preset = load_preset(str(path))
+    [(task, _, seed, config)] = run_configs(preset, variants=["t"], seeds=[2])
+    source = _reuse_source(run_configs(preset), task, seed, config, tmp_path)
+    assert source == tmp_path / "arc_easy" / "map" / "seed2"  # not "other": its training differs

@@ -141,18 +141,26 @@ def run_configs(preset: Preset, tasks: Sequence[str] | None = None, seeds: Seque
                                          run[1] in posthoc))
 
 
-def _reuse_source(runs: Sequence[tuple[str, str, int, RunConfig]], index: int, out_dir: Path) -> Path | None:
-    """For a post-hoc run, the folder of a run of the same task and seed whose method it starts from (the
-    trainer checks that the two configs agree before reusing it)."""
+def _reuse_source(runs: Sequence[tuple[str, str, int, RunConfig]], task: str, seed: int, config: RunConfig,
+                  out_dir: Path) -> Path | None:
+    """For a post-hoc run, the folder of a run among ``runs`` (all the preset's variants, also those this process
+    does not run) of the same task and seed that trains the adapter it starts from."""
     from varlora.methods import get_method
 
-    task, _, seed, config = runs[index]
     source = get_method(config.method.name).posthoc_of
     for other_task, other_variant, other_seed, other in runs:
         if (other_task, other_seed) == (task, seed) and other.method.name == source and _same_training(other,
                                                                                                         config):
             return out_dir / task / other_variant / f"seed{seed}"
     return None
+
+
+def _in_progress_elsewhere(folder: Path) -> bool:
+    """Whether another process holds the claim on run ``folder`` and it has not finished."""
+    if (folder / "summary.json").exists() or not folder.exists():
+        return False
+    with claim_folder(folder) as claimed:
+        return not claimed
 
 
 def _same_training(map_config: RunConfig, config: RunConfig) -> bool:
@@ -178,16 +186,22 @@ def run_experiment(preset_name: str, out: str | None = None, results: str | None
     out_dir = Path(out or f"runs/experiment-{preset.name}")
     results_dir = Path(results or f"results/experiment-{preset.name}")
     runs = run_configs(preset, tasks, seeds, overrides, variants)
+    every_variant = run_configs(preset, tasks, seeds, overrides)  # post-hoc runs reuse MAP runs of any variant
     if not report_only:
         for index, (task, variant, seed, config) in enumerate(runs, start=1):
             folder = out_dir / task / variant / f"seed{seed}"
+            source = _reuse_source(every_variant, task, seed, config, out_dir)
+            if source is not None and main and _in_progress_elsewhere(source):
+                log(f"[{index}/{len(runs)}] {task} {variant} seed {seed}: waiting for {source} (another process "
+                    "trains it), skipping; rerun to continue")
+                continue
             with claim_folder(folder) if main else contextlib.nullcontext(None) as claimed:
                 if not distributed.broadcast_object(claimed):
                     log(f"[{index}/{len(runs)}] {task} {variant} seed {seed}: another process has it, skipping")
                     continue
                 log(f"[{index}/{len(runs)}] {task} {variant} seed {seed} → {folder}")
                 started = time.perf_counter()
-                train_run(config, folder, log=log, reuse=_reuse_source(runs, index - 1, out_dir))
+                train_run(config, folder, log=log, reuse=source)
                 log(f"[{index}/{len(runs)}] done in {time.perf_counter() - started:.0f} s")
             if main:
                 write_report(preset, out_dir, results_dir, runs[0][3])
