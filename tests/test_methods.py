@@ -112,6 +112,8 @@ def test_every_method_trains_saves_reloads_and_reevaluates_identically(name, fin
     cost = summary["cost"]
     assert cost["eval_seconds"][task] > 0 and cost["peak_eval_bytes"] > 0
     assert (cost["train_seconds"] > 0) == cls.trains and cost["lora_param_bytes"] > 0
+    if name == "ivon":  # the posterior's σ: one float32 per LoRA weight, counted once it exists
+        assert cost["extra_param_bytes"] == cost["lora_param_bytes"]
     # reload from final/ alone and predict again: the same metrics, exactly
     session, method = load_run(folder)
     again = {p.label: p for p in method.predict(session.val_examples, session.scorer)}
@@ -162,6 +164,7 @@ def test_posthoc_methods_reuse_a_finished_map_run_exactly(assets, finished, tmp_
     for name in (n for n, c in METHODS.items() if c.posthoc_of == "adamw"):
         reused = train_run(_config(assets, name), tmp_path / name, log=_quiet, reuse=map_folder)
         assert reused["trained_in"] == str(map_folder) and reused["train_seconds"] == map_summary["train_seconds"]
+        assert reused["cost"]["optimizer_state_bytes"] == map_summary["cost"]["optimizer_state_bytes"] > 0
         own, _ = finished(name)
         _assert_same_state(_final_state(own), _final_state(tmp_path / name))
     # a MAP run trained differently is not reused: the post-hoc run trains its own adapter

@@ -176,16 +176,18 @@ def _train_or_reuse(session: Session, method: Method, reuse: Path | None, memory
             shutil.copyfile(reuse / "metrics.jsonl", session.paths.metrics)
         cost = source["cost"]
         stage = {"train_seconds": cost["train_seconds"], "peak_train_bytes": cost["peak_train_bytes"],
-                 "trained_in": str(reuse)}
+                 "trained_in": str(reuse), "map_optimizer_state_bytes": cost["optimizer_state_bytes"]}
     else:
         train_seconds = fit(session, method, log)
         stage = {"train_seconds": train_seconds, "peak_train_bytes": memory.read(), "trained_in": "this run"}
-    stage |= method.extra_bytes()
     memory.reset()
     started = time.perf_counter()
     stage["posthoc"] = method.fit_posthoc(log)
     stage["fit_seconds"] = time.perf_counter() - started
     stage["peak_fit_bytes"] = memory.read()
+    stage |= method.extra_bytes()  # after the fit: a posterior (IVON's σ, Laplace's factors) exists now
+    if "map_optimizer_state_bytes" in stage:  # the training this run reused held that optimizer state
+        stage["optimizer_state_bytes"] = stage.pop("map_optimizer_state_bytes")
     return stage
 
 
