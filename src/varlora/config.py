@@ -309,6 +309,16 @@ class RunConfig:
         used = {cls.name, *cls.sections}
         return {k: v for k, v in self.to_dict().items() if k in CONFIG_GROUPS or k in used}
 
+    def starts_from(self, map_config: RunConfig) -> bool:
+        """Whether ``map_config`` trains exactly the adapter this run's post-hoc method starts from: this config
+        with the method replaced by its ``posthoc_of`` (False for a method that is not post-hoc)."""
+        from varlora.methods import get_method
+
+        base = get_method(self.method.name).posthoc_of
+        if base is None:
+            return False
+        return RunConfig.from_dict({**self.to_dict(), "method": {"name": base}}).effective() == map_config.effective()
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
         data = _upgrade_legacy(data, source)

@@ -145,12 +145,8 @@ def _reuse_source(runs: Sequence[tuple[str, str, int, RunConfig]], task: str, se
                   out_dir: Path) -> Path | None:
     """For a post-hoc run, the folder of a run among ``runs`` (all the preset's variants, also those this process
     does not run) of the same task and seed that trains the adapter it starts from."""
-    from varlora.methods import get_method
-
-    source = get_method(config.method.name).posthoc_of
     for other_task, other_variant, other_seed, other in runs:
-        if (other_task, other_seed) == (task, seed) and other.method.name == source and _same_training(other,
-                                                                                                        config):
+        if (other_task, other_seed) == (task, seed) and config.starts_from(other):
             return out_dir / task / other_variant / f"seed{seed}"
     return None
 
@@ -161,14 +157,6 @@ def _in_progress_elsewhere(folder: Path) -> bool:
         return False
     with claim_folder(folder) as claimed:
         return not claimed
-
-
-def _same_training(map_config: RunConfig, config: RunConfig) -> bool:
-    """Whether ``map_config`` trains the adapter that post-hoc ``config`` starts from."""
-    from varlora.methods import get_method
-
-    ours = RunConfig.from_dict({**config.to_dict(), "method": {"name": get_method(config.method.name).posthoc_of}})
-    return ours.effective() == map_config.effective()
 
 
 def run_experiment(preset_name: str, out: str | None = None, results: str | None = None,

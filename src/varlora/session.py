@@ -26,7 +26,7 @@ from varlora.models import attach_lora, load_base_model, load_tokenizer, lora_pa
 from varlora.run_paths import RunPaths
 from varlora.schedule import batch_indices
 from varlora.scoring import make_scorer
-from varlora.tasks import Example, Task, get_task
+from varlora.tasks import Example, Task, get_task, subsample
 
 __all__ = ["Session", "setup", "load_splits", "scorer_for", "load_adapter_weights", "ADAPTER_FILE"]
 
@@ -108,7 +108,7 @@ def load_splits(task: Task, config: RunConfig,
         if not need_train:
             return [], task.load("validation", data_dir=d.data_dir, limit=d.eval_limit, seed=0), []
         pool = task.load("train", data_dir=d.data_dir)
-        train = task.load("train", data_dir=d.data_dir, limit=d.train_limit, seed=config.train.seed)
+        train = subsample(pool, d.train_limit, config.train.seed)  # = task.load("train", limit=..., seed=...)
         used = {ex.id for ex in train}
         return (train, task.load("validation", data_dir=d.data_dir, limit=d.eval_limit, seed=0),
                 [ex for ex in pool if ex.id not in used])

@@ -152,13 +152,10 @@ def _config_diff(old: dict, new: dict, prefix: str = "") -> str:
 def _reusable(config: RunConfig, source: Path) -> dict[str, Any] | None:
     """The summary of a finished run in ``source`` that trained exactly this run's adapter (same config, the
     method aside), or None."""
-    method_cls = get_method(config.method.name)
     summary = source / "summary.json"
-    if method_cls.posthoc_of is None or not summary.is_file() or not (source / "config.json").is_file():
+    if not summary.is_file() or not (source / "config.json").is_file():
         return None
-    theirs = RunConfig.load(source / "config.json")
-    ours = RunConfig.from_dict({**config.to_dict(), "method": {"name": method_cls.posthoc_of}})
-    if theirs.effective() != ours.effective():
+    if not config.starts_from(RunConfig.load(source / "config.json")):
         return None
     return json.loads(summary.read_text())
 
@@ -222,21 +219,17 @@ def check_final(folder: Path) -> dict[str, Any]:
     return stage
 
 
-def evaluate_run(session: Session, method: Method, task_name: str | None = None, log: Log = print,
-                 examples=None) -> tuple[list[Prediction], float]:
+def evaluate_run(session: Session, method: Method, task_name: str | None = None,
+                 log: Log = print) -> tuple[list[Prediction], float]:
     """Evaluate the final method on ``task_name`` (default: the training task; others are out of distribution),
     save the rows and probabilities, and return them with the evaluation seconds."""
     task_name = task_name or session.config.data.task
-    scorer = session.scorer
-    if examples is None and task_name == session.config.data.task:
-        examples = session.val_examples
-    elif examples is None:
+    examples, scorer = session.val_examples, session.scorer
+    if task_name != session.config.data.task:
         task = get_task(task_name)
         examples = task.load("validation", data_dir=session.config.data.data_dir,
                              limit=session.config.data.eval_limit, seed=0)
         scorer = scorer_for(session.config, session.tokenizer, task)
-    elif task_name != session.config.data.task:
-        scorer = scorer_for(session.config, session.tokenizer, get_task(task_name))
     started = time.perf_counter()
     predictions = [finish(p, session.config.eval.n_bins) for p in method.predict(examples, scorer)]
     seconds = time.perf_counter() - started
