@@ -104,3 +104,20 @@ def test_one_cache_variable(tmp_path, monkeypatch):
     from varlora.optim import _cpu_kernels
 
     assert _io.cache_dir() == tmp_path and _cpu_kernels.cache_dir() == tmp_path / "kernels"
+
+
+def test_read_safetensors_round_trip_and_damaged_files_name_themselves(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from varlora._io import read_safetensors
+
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.arange(3.0)}, str(path), metadata={"k": "v"})
+    tensors, metadata = read_safetensors(path)
+    assert torch.equal(tensors["a"], torch.arange(3.0)) and metadata == {"k": "v"}
+    path.write_bytes(path.read_bytes()[:20])  # truncated: safetensors raises its own (non-OSError) error
+    with pytest.raises(ValueError, match=r"x.safetensors is unreadable"):
+        read_safetensors(path)
+    with pytest.raises(ValueError, match=r"missing.safetensors is unreadable"):
+        read_safetensors(tmp_path / "missing.safetensors")

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_path", "atomic_dir", "cache_dir", "write_json", "write_text", "torch_save", "read_jsonl"]
+__all__ = ["atomic_path", "atomic_dir", "cache_dir", "write_json", "write_text", "torch_save", "read_jsonl",
+           "read_safetensors"]
 
 #: The environment variable naming the folder where varlora keeps files between runs.
 CACHE_ENV = "VARLORA_CACHE"
@@ -134,6 +135,21 @@ def write_json(path: str | Path, data: Any) -> None:
 def torch_save(obj: Any, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of a safetensors file, read in one open.
+
+    Raises ValueError naming the file when it is missing, truncated or corrupted (safetensors' own error is not
+    an OSError, so callers would otherwise see a bare traceback).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is unreadable (truncated or corrupted?): {err}") from err
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

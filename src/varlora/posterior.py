@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from varlora import _io
 from varlora.optim import perturbed_named_params
 
 __all__ = ["Posterior", "POSTERIOR_FILE"]
@@ -70,12 +70,7 @@ class Posterior:
         path = Path(folder) / POSTERIOR_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no posterior at {path} (was the run trained with IVON?)")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path} is unreadable (truncated or corrupted?): {err}") from err
+        tensors, metadata = _io.read_safetensors(path)
         std = {k.removeprefix("std/"): v for k, v in tensors.items() if k.startswith("std/")}
         hess = {k.removeprefix("hess/"): v for k, v in tensors.items() if k.startswith("hess/")}
         if set(std) != set(hess) or not std:

@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from varlora import distributed
+from varlora import _io, distributed
 from varlora.config import ConfigError, RunConfig
 from varlora.models import attach_lora, load_base_model, load_tokenizer, lora_parameters
 from varlora.run_paths import RunPaths
@@ -138,10 +136,7 @@ def load_adapter_weights(model: torch.nn.Module, folder: Path, adapter_name: str
     adapter = Path(folder) / ADAPTER_FILE
     if not adapter.is_file():
         raise FileNotFoundError(f"{adapter} is missing: the run has not finished training")
-    try:
-        weights = load_file(str(adapter))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{adapter} is unreadable (truncated or corrupted?): {err}") from err
+    weights, _ = _io.read_safetensors(adapter)
     result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
     missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}." in k]
     if missing:

@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from varlora import _io
 from varlora.config import check, option
@@ -192,10 +191,7 @@ class BLoB(Method):
         path = Path(folder) / BLOB_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the run has not finished training")
-        try:
-            saved = load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path} is unreadable (truncated or corrupted?): {err}") from err
+        saved, _ = _io.read_safetensors(path)
         rho = post.named_rho()
         missing = sorted(set(rho) - set(saved))
         if missing:

@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from varlora import _io
 from varlora.config import check, option
@@ -157,11 +156,10 @@ class Laplace(AdamW):
         super().load(folder)
         path = Path(folder) / LAPLACE_FILE
         try:
-            with safe_open(path, "pt") as fh:
-                meta = fh.metadata() or {}
+            tensors, meta = _io.read_safetensors(path)
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {_FORMAT!r}")
-            posterior = KronLaplace.from_state(load_file(path), meta)
+            posterior = KronLaplace.from_state(tensors, meta)
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"{path}: cannot read the Laplace posterior ({err})") from err
         missing = set(posterior.eig) - set(self._layers())

@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from varlora import _io
 from varlora.config import check, option
@@ -185,10 +184,10 @@ class TFB(AdamW):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the run has not finished its TFB fit")
         try:
-            saved = load_file(str(path))
+            saved, _ = _io.read_safetensors(path)
             self._fit = json.loads(meta.read_text())
             self.sigma_q = float(self._fit["sigma_q"])
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{folder}: cannot read the TFB posterior ({err})") from err
         missing = sorted(set(flip.names) - set(saved))
         if missing:
