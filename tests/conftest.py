@@ -131,3 +131,23 @@ def build_assets(folder: Path, n_train: int = 48, n_val: int = 16) -> dict[str, 
     tiny_tokenizer().save_pretrained(folder / "model")
     train, val = write_colour_data(folder, n_train, seed=1), write_colour_data(folder, n_val, seed=2)
     return {"model": str(folder / "model"), "task": f"jsonl:train={train},validation={val}"}
+
+
+def _flatten(value, prefix: str = "") -> dict[str, object]:
+    """Every leaf of a (nested) state dict, keyed by its path."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}/{key}").items()}
+    if isinstance(value, list | tuple):
+        return {k: v for i, item in enumerate(value) for k, v in _flatten(item, f"{prefix}/{i}").items()}
+    return {prefix: value}
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    """The two (nested) state dicts have the same leaves: tensors bitwise equal, everything else equal."""
+    a, b = _flatten(a), _flatten(b)
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback, TrainingArguments
 
-from conftest import TINY_VOCAB, tiny_llama
+from conftest import TINY_VOCAB, assert_identical, tiny_llama
 from varlora import IVON
 from varlora.integrations import IVONTrainer
 
@@ -48,25 +48,6 @@ def _lora(trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
-def _flatten(value, prefix: str = "") -> dict[str, object]:
-    """Every leaf of a (nested) state dict, keyed by its path."""
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}/{key}").items()}
-    if isinstance(value, list | tuple):
-        return {k: v for i, item in enumerate(value) for k, v in _flatten(item, f"{prefix}/{i}").items()}
-    return {prefix: value}
-
-
-def _assert_identical(a: dict, b: dict) -> None:
-    a, b = _flatten(a), _flatten(b)
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
-
-
 class _Killed(Exception):
     """Stands for the process being killed right after a checkpoint was written."""
 
@@ -95,8 +76,8 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, mc_samples):
     resumed.train(resume_from_checkpoint=str(tmp_path / "killed" / "checkpoint-3"))
 
     assert resumed.state.global_step == whole.state.global_step == 6
-    _assert_identical(_lora(resumed), _lora(whole))
-    _assert_identical(resumed.optimizer.state_dict(), whole.optimizer.state_dict())
+    assert_identical(_lora(resumed), _lora(whole))
+    assert_identical(resumed.optimizer.state_dict(), whole.optimizer.state_dict())
     assert whole.optimizer.state_dict()["ivon"]["num_steps"] == 6
     # and training moved the weights
     assert not all(torch.equal(a, b) for a, b in zip(_lora(whole).values(), _lora(_trainer(tmp_path / "x")).values(),

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import varlora
-from conftest import build_assets
+from conftest import assert_identical, build_assets
 from varlora.config import RunConfig
 from varlora.methods import METHODS, get_method
 from varlora.methods.temperature import fit_temperature, nll_at_temperature
@@ -87,15 +87,6 @@ def _final_state(folder: Path) -> dict[str, object]:
     return state
 
 
-def _assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_trains_saves_reloads_and_reevaluates_identically(name, finished):
     folder, summary = finished(name)
@@ -150,7 +141,7 @@ def test_a_run_stopped_after_a_checkpoint_resumes_bit_for_bit(name, assets, fini
     messages: list[str] = []
     train_run(_config(assets, name), cut, log=messages.append)
     assert any("resuming" in m and "from step 2/" in m for m in messages)
-    _assert_same_state(_final_state(whole), _final_state(cut))
+    assert_identical(_final_state(whole), _final_state(cut))
 
     def losses(folder: Path) -> list:
         return [(r["step"], r["loss"]) for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
@@ -166,7 +157,7 @@ def test_posthoc_methods_reuse_a_finished_map_run_exactly(assets, finished, tmp_
         assert reused["trained_in"] == str(map_folder) and reused["train_seconds"] == map_summary["train_seconds"]
         assert reused["cost"]["optimizer_state_bytes"] == map_summary["cost"]["optimizer_state_bytes"] > 0
         own, _ = finished(name)
-        _assert_same_state(_final_state(own), _final_state(tmp_path / name))
+        assert_identical(_final_state(own), _final_state(tmp_path / name))
     # a MAP run trained differently is not reused: the post-hoc run trains its own adapter
     other = train_run(_config(assets, "temperature", adamw={"lr": 2e-2}), tmp_path / "other", log=_quiet,
                       reuse=map_folder)
