@@ -7,8 +7,9 @@ made-up 4-way questions), scored with the cloze protocol (shared-prefix KV cache
 process, per repeat:
 
 * ``mean``: one evaluation at the posterior mean (``predict_logits``);
-* ``batched``: S samples in one folded forward per batch (``eval.batched_samples = true``, the default);
-* ``sequential``: S forwards, one per sample (``eval.batched_samples = false``).
+* ``batched``: S samples in one folded forward per batch (``eval.batched_samples = true``);
+* ``sequential``: S forwards, one per sample (``eval.batched_samples = false``, the default: the batched path
+  is not faster on CPU, where both do the same FLOPs on batches that already fill a core).
 
 The ratio reported is median(batched) / (S × median(mean)); the goal is ≤ 0.6. The output starts with the
 CPU model and the thread count. Run: ``python benchmarks/sampled_eval.py [--samples 10] [--examples 16]

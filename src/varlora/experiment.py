@@ -240,11 +240,12 @@ def write_report(preset: Preset, out_dir: Path, results_dir: Path, sample: RunCo
     probs = report.SavedProbs()
     if ood:
         ood_tasks = sorted({r.eval_task for r in ood})
+        trained_on = ", ".join(sorted({r.train_task for r in ood}))
         ood_table = report.aggregate([replace(r, train_task=r.eval_task) for r in ood], methods, ood_tasks)
         detection = report.ood_detection(ood, probs)
-        sections += ["## Out of distribution (trained on the preset's task, evaluated unchanged)", "",
+        sections += [f"## Out of distribution (trained on {trained_on}, evaluated unchanged)", "",
                      report.markdown_table(ood_table, ood_tasks),
-                     "## Out-of-distribution detection (in distribution: the training task's evaluation set)", "",
+                     f"## Out-of-distribution detection (in distribution: {trained_on}'s evaluation set)", "",
                      "Each signal scores an example higher the more in-distribution it looks (max probability, "
                      "negative predictive entropy, negative mutual information of the samples: rows that sample "
                      "only); AUROC (50 = chance, higher is better) and FPR@95 = the share of OOD examples accepted "
