@@ -202,6 +202,25 @@ def test_mc_matches_quadrature_for_two_classes(f64):
     assert torch.equal(probs, again)
 
 
+def test_mc_draws_in_chunks_and_keeps_the_first(f64):
+    """100,000 draws (25 chunks) average to Gauss–Hermite's exact p₀ within 0.005 (> 3 s.e.: a draw in [0, 1] has
+    variance ≤ 1/4, so s.e. ≤ 0.0016); the
+    kept draws are the first ``keep`` rows, each a probability vector, and differ from one another."""
+    mean = torch.tensor([[0.8, -0.4], [-3.0, 2.0]])
+    var = torch.tensor([[[1.5, 0.3], [0.3, 0.9]], [[40.0, 0.0], [0.0, 60.0]]])
+    probs, kept = glm_probs(mean, var, "mc", 100_000, torch.Generator().manual_seed(0), keep=10)
+    assert kept.shape == (10, 2, 2) and not torch.equal(kept[0], kept[1])
+    torch.testing.assert_close(kept.sum(-1), torch.ones(10, 2))
+    import numpy as np
+
+    nodes, weights = np.polynomial.hermite.hermgauss(80)
+    for i, (mu, v) in enumerate([(1.2, 1.8), (-5.0, 100.0)]):
+        exact = float((weights * (1 / (1 + np.exp(-(mu + math.sqrt(2 * v) * nodes))))).sum() / math.sqrt(math.pi))
+        assert float(probs[i, 0]) == pytest.approx(exact, abs=0.005)
+    with pytest.raises(ValueError, match="keep must be in"):
+        glm_probs(mean, var, "mc", 5, keep=6)
+
+
 # ---- laplace-torch as the reference ---------------------------------------------------------------------
 def test_matches_laplace_torch_kron_glm(f64):
     """laplace-torch 0.3 (KronLaplace, curvlinops GGN backend) on an MLP without biases: same log marginal

@@ -18,7 +18,9 @@ class Prediction:
         method: the registry name of the method that made it (e.g. ``ivon``).
         probs: (N, K) float64, the predictive p̄ = (1/S) Σₛ pₛ (probabilities are averaged, never logits).
         labels: (N,) int64 true choices.
-        sample_probs: (S, N, K) per-sample probabilities of a sampled predictive, else None.
+        sample_probs: (S, N, K) per-sample probabilities of a sampled predictive, else None. Laplace's
+            logit-space Monte Carlo averages n_samples = 100,000 draws in ``probs`` and keeps only the first
+            ``eval.n_samples`` here.
         logits: (N, K) float64 deterministic choice logits where the method keeps them, else None.
         tau: the posterior variance scale of an IVON-style predictive (0 = at the mean), else None.
         n_samples: samples averaged (1 for a deterministic predictive; 0 marks "at the mean" rows of

@@ -304,6 +304,9 @@ def fit_kron_laplace(
     return la
 
 
+_MC_CHUNK = 4096  # logit draws per chunk of the Monte Carlo predictive
+
+
 # ---- predictive -----------------------------------------------------------------------------------------
 def glm_moments(
     model_fn: ModelFn, layers: Mapping[str, nn.Linear], la: KronLaplace, batch: Batch
@@ -341,22 +344,35 @@ def glm_moments(
 
 def glm_probs(
     mean: Tensor, var: Tensor, link: LinkApprox = "probit", n_samples: int = 10,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, keep: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Predictive probabilities (B, K) of f ~ N(mean, var), and the per-sample ones (S, B, K) for ``"mc"``.
+    """Predictive probabilities (B, K) of f ~ N(mean, var), and for ``"mc"`` the per-sample ones of the first
+    ``keep`` draws (default: all ``n_samples``), (keep, B, K).
 
     probit: softmax(mean / √(1 + π/8 diag(var))) (laplace-torch's multi-class probit). mc: mean over S draws
-    of softmax(f), f = mean + V √w ε with var = V diag(w) Vᵀ, ε ~ N(0, I) from ``generator`` (CPU, float64).
+    of softmax(f), f = mean + V √w ε with var = V diag(w) Vᵀ, ε ~ N(0, I) from ``generator`` (CPU, float64),
+    drawn in chunks so that S = 100,000 (the Laplace-LoRA reference's count) needs no (S, B, K) tensor.
     """
     if link == "probit":
         kappa = 1.0 / torch.sqrt(1.0 + math.pi / 8 * var.diagonal(dim1=-2, dim2=-1))
         return torch.softmax(mean * kappa, -1), None
     if link != "mc":
         raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
+    keep = n_samples if keep is None else keep
+    if not 1 <= keep <= n_samples:
+        raise ValueError(f"keep must be in [1, n_samples = {n_samples}], got {keep}")
     present = torch.isfinite(mean)
     w, V = torch.linalg.eigh(var)
     root = V * w.clamp_min(0).sqrt()[:, None, :]  # (B, K, K)
-    eps = torch.randn((n_samples, *mean.shape), generator=generator, dtype=torch.float64)  # (S, B, K)
-    f = mean.masked_fill(~present, 0.0) + torch.einsum("bkj,sbj->sbk", root, eps)
-    sample_probs = torch.softmax(f.masked_fill(~present, float("-inf")), -1)
-    return sample_probs.mean(0), sample_probs
+    centre = mean.masked_fill(~present, 0.0)
+    total, kept, done = torch.zeros_like(centre), [], 0
+    while done < n_samples:
+        size = min(max(_MC_CHUNK, keep), n_samples - done)
+        eps = torch.randn((size, *mean.shape), generator=generator, dtype=torch.float64)  # (S, B, K)
+        f = centre + torch.einsum("bkj,sbj->sbk", root, eps)
+        sample_probs = torch.softmax(f.masked_fill(~present, float("-inf")), -1)
+        total += sample_probs.sum(0)
+        if done < keep:
+            kept.append(sample_probs[: keep - done])
+        done += size
+    return total / n_samples, torch.cat(kept)

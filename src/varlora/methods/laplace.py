@@ -14,8 +14,10 @@ predictive is f ~ N(f*, J Σ Jᵀ) over the K choice logits, by probit or Monte 
 
 Differences from the reference (laplace-torch 0.3 as Laplace-LoRA calls it), all documented here:
 δ is maximised exactly (grid + golden section on ln δ; the objective is unimodal) instead of 100 Adam steps;
-the reference's predictive draws 100,000 logit samples, ours by default uses probit (laplace-torch's default)
-or ``eval.n_samples`` samples seeded by ``eval.seed``.
+the predictive draws ``link_samples`` = 100,000 logit samples as the reference does (seeded by ``eval.seed``),
+or uses laplace-torch's probit. Its row averages all draws, and keeps the first ``eval.n_samples`` as its
+per-sample probabilities (the mutual information is estimated from those), so that ``probs`` is not their mean:
+the one method whose samples cost nothing, and ten draws of logits this wide would make the average noisy.
 
 Caveat (measured on the tiny test model): the multi-class probit softmax(κ ⊙ f*) is not invariant to adding a
 constant to all K logits, while the softmax is. Cloze scores are mean log-likelihoods (all about −5 on a small
@@ -58,9 +60,12 @@ class LaplaceArgs:
                                     "'marglik', the value used when 'none')", default=1.0)
     prior_optimization: str = option("'marglik': δ maximising the Laplace marginal likelihood; 'none': keep "
                                      "prior_precision", default="marglik")
-    link_approx: str = option("predictive over the GLM logits: 'mc' (eval.n_samples samples; invariant to a "
+    link_approx: str = option("predictive over the GLM logits: 'mc' (link_samples draws; invariant to a "
                               "common offset of the K logits, as the softmax is) or 'probit' (laplace-torch's "
                               "multi-class probit, which is not: cloze scores sit far below 0)", default="mc")
+    link_samples: int = option("logit draws of the 'mc' predictive (the reference draws 100,000; they cost no "
+                               "forward pass); the first eval.n_samples are kept as the per-sample probabilities "
+                               "(mutual information, saved predictions)", default=100_000)
     fit_limit: int = option("training examples the curvature is summed over (0 = all; a seeded subset)",
                             default=0)
     fit_batch_size: int = option("examples per curvature batch (one forward and K backward passes each)",
@@ -76,6 +81,7 @@ class LaplaceArgs:
               self.prior_optimization, "must be 'marglik' or 'none'")
         check(self.link_approx in ("probit", "mc"), "laplace.link_approx", self.link_approx,
               "must be 'probit' or 'mc'")
+        check(self.link_samples >= 1, "laplace.link_samples", self.link_samples, "must be >= 1")
         check(self.fit_limit >= 0, "laplace.fit_limit", self.fit_limit, "must be >= 0 (0 = all)")
         check(self.fit_batch_size >= 1, "laplace.fit_batch_size", self.fit_batch_size, "must be >= 1")
 
@@ -186,8 +192,9 @@ class Laplace(AdamW):
         var = torch.empty(len(examples), *variances[0].shape[1:], dtype=torch.float64)
         mean[rows], var[rows] = torch.cat(means), torch.cat(variances)
         link = self.args.link_approx
-        n = cfg.n_samples if link == "mc" else 1
-        probs, sample_probs = glm_probs(mean, var, link, n, torch.Generator().manual_seed(cfg.seed))
+        n = max(self.args.link_samples, cfg.n_samples) if link == "mc" else 1
+        probs, sample_probs = glm_probs(mean, var, link, n, torch.Generator().manual_seed(cfg.seed),
+                                        keep=min(cfg.n_samples, n))
         K = mean.shape[1]
         return [Prediction(label=self.label, method=self.name, probs=probs, labels=labels_of(examples),
                            sample_probs=sample_probs, logits=mean, n_samples=n,
