@@ -197,4 +197,6 @@ def test_tuning_preset_runs_blob_variants():
     for _, _, _, config in runs:
         assert config.method.name == "blob"
         assert config.data.holdout is not None  # held-out training questions, never the validation split
+        # the study's regime (and the IVON sweep's): 64 training questions, 100 steps of batch 4
+        assert (config.data.train_limit, config.train.steps, config.train.batch_size) == (64, 100, 4)
     assert {c.method_args("blob").kl_period for *_, c in runs} >= {0, 40}
