@@ -20,6 +20,10 @@ def test_round_trip_through_json(tmp_path):
     # only the sections the method reads make up the run's identity
     assert set(loaded.effective()) == {"model", "lora", "method", "data", "train", "eval", "adamw"}
     assert set(RunConfig.from_dict({"method": {"name": "ensemble"}}).effective()) >= {"adamw", "ensemble"}
+    # eval.taus belongs to the identity of a method that reads it only
+    for name, counts in (("adamw", False), ("temperature", False), ("ivon", True)):
+        a, b = (RunConfig.from_dict({"method": {"name": name}, "eval": {"taus": t}}) for t in ([0, 1], [0, 0.5, 1]))
+        assert (a.effective() != b.effective()) is counts
 
 
 def test_a_config_written_with_train_optimizer_is_still_read():

@@ -302,12 +302,16 @@ class RunConfig:
         return data | {name: asdict(args) for name, args in self.sections.items()}
 
     def effective(self) -> dict[str, Any]:
-        """The config without the method sections the chosen method does not read (they cannot affect it)."""
+        """The config without what the chosen method does not read (it cannot affect the run): the other
+        methods' sections, and ``eval.taus`` unless the method ``uses_tau``."""
         from varlora.methods import get_method
 
         cls = get_method(self.method.name)
         used = {cls.name, *cls.sections}
-        return {k: v for k, v in self.to_dict().items() if k in CONFIG_GROUPS or k in used}
+        out = {k: v for k, v in self.to_dict().items() if k in CONFIG_GROUPS or k in used}
+        if not cls.uses_tau:
+            out["eval"] = {k: v for k, v in out["eval"].items() if k != "taus"}
+        return out
 
     def starts_from(self, map_config: RunConfig) -> bool:
         """Whether ``map_config`` trains exactly the adapter this run's post-hoc method starts from: this config

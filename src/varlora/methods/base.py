@@ -58,6 +58,8 @@ class Method:
     - ``supports_distributed``: whether it runs under torchrun with several processes.
     - ``role``: ``"map"`` for the deterministic baseline drawn as the reference point in figures, else "".
     - ``seed_independent``: its predictions do not depend on the seed (zero-shot): experiments run it once.
+    - ``uses_tau``: it reads ``eval.taus`` (posterior variance scales); for the others that field is not part of
+      the run's identity, so a preset may add τ values for one task without orphaning its other runs.
     """
 
     name: ClassVar[str] = ""
@@ -70,6 +72,7 @@ class Method:
     supports_distributed: ClassVar[bool] = False
     role: ClassVar[str] = ""
     seed_independent: ClassVar[bool] = False
+    uses_tau: ClassVar[bool] = False
 
     def __init__(self, session: Session) -> None:
         self.session = session

@@ -80,6 +80,7 @@ class IVONMethod(Method):
     args_class = IVONArgs
     trains = True
     supports_distributed = True
+    uses_tau = True
 
     posterior: Posterior | None = None
 
