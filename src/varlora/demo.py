@@ -29,7 +29,7 @@ def run_demo(out: Path, steps: int | None = None, log: Callable[[str], None] = p
             f"(ARC, CC BY-SA 4.0: see {DEMO_DATA_DIR / 'README.md'})")
     if steps is not None:
         overrides["train"] = {"steps": steps}
-    log(f"varlora demo: {model.name} on ARC-Easy (cloze scoring), AdamW vs IVON, 2 CPU cores ≈ 7 min")
+    log(f"varlora demo: {model.name} on ARC-Easy (cloze scoring), AdamW vs IVON, 2 idle CPU cores ≈ 7–10 min")
     results = run_experiment("demo", out=str(out), results=str(out / "report"), overrides=overrides, log=log)
     log((results / "table.md").read_text())
     for png in sorted(results.glob("*.png")):
