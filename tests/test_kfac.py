@@ -204,8 +204,8 @@ def test_mc_matches_quadrature_for_two_classes(f64):
 
 def test_mc_draws_in_chunks_and_keeps_the_first(f64):
     """100,000 draws (25 chunks) average to Gauss–Hermite's exact p₀ within 0.005 (> 3 s.e.: a draw in [0, 1] has
-    variance ≤ 1/4, so s.e. ≤ 0.0016); the
-    kept draws are the first ``keep`` rows, each a probability vector, and differ from one another."""
+    variance ≤ 1/4, so s.e. ≤ 0.0016); the kept draws are the first ``keep`` rows, each a probability vector,
+    and differ from one another."""
     mean = torch.tensor([[0.8, -0.4], [-3.0, 2.0]])
     var = torch.tensor([[[1.5, 0.3], [0.3, 0.9]], [[40.0, 0.0], [0.0, 60.0]]])
     probs, kept = glm_probs(mean, var, "mc", 100_000, torch.Generator().manual_seed(0), keep=10)

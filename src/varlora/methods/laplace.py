@@ -194,7 +194,7 @@ class Laplace(AdamW):
         link = self.args.link_approx
         n = max(self.args.link_samples, cfg.n_samples) if link == "mc" else 1
         probs, sample_probs = glm_probs(mean, var, link, n, torch.Generator().manual_seed(cfg.seed),
-                                        keep=min(cfg.n_samples, n))
+                                        keep=cfg.n_samples)
         K = mean.shape[1]
         return [Prediction(label=self.label, method=self.name, probs=probs, labels=labels_of(examples),
                            sample_probs=sample_probs, logits=mean, n_samples=n,
