@@ -22,7 +22,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from varlora import _io, plots
 from varlora.metrics import accuracy_coverage_curve, aurc, auroc, fpr_at_95_tpr, mutual_information, predictive_entropy
@@ -352,7 +351,7 @@ class SavedProbs:
     def get(self, folder: Path, task: str) -> dict[str, torch.Tensor]:
         key = (folder, task)
         if key not in self._cache:
-            self._cache[key] = load_file(str(RunPaths(folder).eval_probs(task)))
+            self._cache[key], _ = _io.read_safetensors(RunPaths(folder).eval_probs(task))
         return self._cache[key]
 
 
@@ -425,7 +424,7 @@ def posterior_scale(folder: Path) -> dict[str, float] | None:
     if not (final / POSTERIOR_FILE).is_file() or not adapter.is_file():
         return None
     std = Posterior.load(final).std
-    means = load_file(str(adapter))
+    means, _ = _io.read_safetensors(adapter)
     sums = {"a": [0.0, 0.0], "all": [0.0, 0.0]}  # Σσ, Σ|m|
     for name, sigma in std.items():
         key = name if name in means else re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)
