@@ -34,6 +34,10 @@ HESS_APPROXES = ("price", "gradsq")
 #: How the optimizer draws its CPU fp32 training noise (recorded in the state dict, see ``IVON``).
 NOISE_PATHS = ("fused", "torch")
 
+#: The key of the optimizer's own entries (step and sample counters, generator states, noise path) in its
+#: state dict, beside torch.optim's "state" and "param_groups"; saved checkpoints use it, so it never changes.
+_OWN_STATE_KEY = "ivon"
+
 #: The defaults of IVON's optional hyper-parameters: those of the reference implementation (``ivon-opt``) and
 #: of the paper's Algorithm 1, so that ``IVON`` is a drop-in replacement. ``lr`` and ``ess`` have none.
 #: Recipes for short LoRA runs choose other values on purpose (see ``varlora.config``).
@@ -1025,7 +1029,8 @@ class IVON(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------- state dicts
 
     def state_dict(self) -> dict[str, Any]:
-        """The ``torch.optim`` state dict plus ``"ivon"``: step and sample counters and the generator states.
+        """The ``torch.optim`` state dict plus ``"ivon"`` (:data:`_OWN_STATE_KEY`): step and sample counters and the
+        generator states.
 
         Per-parameter state: ``step`` (int), ``hess``, ``momentum``, ``mean`` (low-precision parameters only)
         and, between the last sample and ``step()``, ``grad_sum``/``hess_sum``. Tensors are live references,
@@ -1034,7 +1039,7 @@ class IVON(torch.optim.Optimizer):
         if self._sample is not None:
             raise RuntimeError("state_dict() cannot be called inside sampled_params(): the weights are perturbed")
         out = super().state_dict()
-        out["ivon"] = {
+        out[_OWN_STATE_KEY] = {
             "num_samples": self._num_samples,
             "num_steps": self._num_steps,
             "generators": {key: gen.get_state() for key, gen in self._generators.items()},
@@ -1049,7 +1054,7 @@ class IVON(torch.optim.Optimizer):
         if self._sample is not None:
             raise RuntimeError("load_state_dict() cannot be called inside sampled_params()")
         state_dict = dict(state_dict)
-        extra = state_dict.pop("ivon", {})
+        extra = state_dict.pop(_OWN_STATE_KEY, {})
         if extra.get("noise_path") is not None:  # None: no CPU fp32 training draw yet, or an older state dict
             self._adopt_noise_path(extra["noise_path"])
         saved_state = state_dict.get("state", {})
