@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import build_assets
 from varlora.checkpoint import rng_state, set_rng_state
@@ -154,6 +155,12 @@ def test_rows_save_reload_and_reevaluate_bit_for_bit(assets, tmp_path):
     folder = tmp_path / "final"
     method.save(folder)
     assert (folder / BLOB_FILE).is_file() and (folder / "adapter_model.safetensors").is_file()
+    # the report's σ / |m| reads σ = ρ² back without a model, keyed like the saved adapter's A matrices
+    saved_std = type(method).saved_std(folder)
+    adapter_a = {n for n in load_file(str(folder / "adapter_model.safetensors")) if ".lora_A." in n}
+    assert set(saved_std) == adapter_a
+    for name, rho in method.posterior.named_rho().items():
+        assert torch.equal(saved_std[f"{name}.lora_A.weight"], rho.detach().square())
     fresh_session = setup(cfg, tmp_path / "run", need_train=False)
     fresh = build_method(fresh_session)
     fresh.load(folder)  # as varlora eval does: no setup()

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 
 import varlora
 from conftest import assert_identical, build_assets
+from varlora import report
 from varlora.config import RunConfig
-from varlora.methods import METHODS, get_method
+from varlora.methods import METHODS, Method, get_method
 from varlora.methods.temperature import fit_temperature, nll_at_temperature
 from varlora.run_paths import RunPaths
 from varlora.session import load_adapter_weights
@@ -105,6 +106,10 @@ def test_every_method_trains_saves_reloads_and_reevaluates_identically(name, fin
     assert (cost["train_seconds"] > 0) == cls.trains and cost["lora_param_bytes"] > 0
     if name == "ivon":  # the posterior's σ: one float32 per LoRA weight, counted once it exists
         assert cost["extra_param_bytes"] == cost["lora_param_bytes"]
+    # a method that saves a mean-field posterior has the report's σ / |m| (its σ keyed like the adapter)
+    scale = report.posterior_scale(folder, name)
+    assert (scale is not None) == (cls.saved_std.__func__ is not Method.saved_std.__func__)
+    assert scale is None or (scale["sigma"] > 0 and scale["ratio_a"] > 0)
     # reload from final/ alone and predict again: the same metrics, exactly
     session, method = load_run(folder)
     again = {p.label: p for p in method.predict(session.val_examples, session.scorer)}

@@ -144,8 +144,27 @@ def _posterior_run(root, variant, seed, nll_mean, nll_sampled):
 
 def test_posterior_scale_by_hand(tmp_path):
     folder = _posterior_run(tmp_path, "v", 1, 1.0, 1.0)
-    assert report.posterior_scale(folder) == pytest.approx({"sigma": 0.15, "ratio_a": 0.2, "ratio_all": 0.5})
-    assert report.posterior_scale(tmp_path / "nowhere") is None
+    assert report.posterior_scale(folder, "ivon") == pytest.approx({"sigma": 0.15, "ratio_a": 0.2,
+                                                                    "ratio_all": 0.5})
+    assert report.posterior_scale(tmp_path / "nowhere", "ivon") is None
+    assert report.posterior_scale(folder, "adamw") is None  # a point estimate has no σ, whatever final/ holds
+
+
+def test_posterior_scale_of_blob_reads_sigma_as_rho_squared(tmp_path):
+    """BLoB saves ρ per LoRA A by module name (σ = ρ², B has none): ρ = .5 → σ = .25 over |m_A| = .5 gives .5,
+    and over "all" (A alone) the same."""
+    from varlora.methods.blob import BLOB_FILE
+
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({module: torch.full((2, 3), 0.5)}, str(final / BLOB_FILE))
+    save_file({f"{module}.lora_A.weight": torch.tensor([[0.5, -0.5, 0.5], [-0.5, 0.5, 0.5]]),
+               f"{module}.lora_B.weight": torch.full((3, 2), -0.1)}, str(final / "adapter_model.safetensors"))
+    assert report.posterior_scale(tmp_path / "run", "blob") == pytest.approx(
+        {"sigma": 0.25, "ratio_a": 0.5, "ratio_all": 0.5})
+    (final / BLOB_FILE).unlink()
+    assert report.posterior_scale(tmp_path / "run", "blob") is None
 
 
 def test_tuning_report_states_the_rule_and_its_winner(tmp_path):

@@ -294,7 +294,8 @@ def _selection_section(preset: Preset, results: Sequence[report.RunResult], tabl
         lines.append(f"- winner ({method}): **{variant}**, row `{judged[variant].label}`, {report._LABELS[metric]} "
                      f"{_fine(mean, se, metric)} over {n} seed(s)")
     lines += ["", "σ/|m|: mean posterior σ over mean |m| of the saved posterior mean, over the LoRA A matrices "
-              "and over all LoRA weights (B starts at 0), mean over seeds; – where the run saved no posterior.", "",
+              "and over all LoRA weights with a σ (B starts at 0; BLoB's B has no σ), mean over seeds; – where the "
+              "method saves no mean-field posterior.", "",
               "| variant | row judged | ACC % | ECE % | NLL | mean σ | σ/\\|m\\| LoRA A | σ/\\|m\\| all |",
               "|---|---|---|---|---|---|---|---|"]
     for variant in preset.variants:
@@ -302,7 +303,7 @@ def _selection_section(preset: Preset, results: Sequence[report.RunResult], tabl
             continue
         label = judged[variant].label
         cells = table.get(label, {}).get(column, {})
-        scales = [s for s in (report.posterior_scale(r.folder) for r in results
+        scales = [s for s in (report.posterior_scale(r.folder, r.method) for r in results
                               if r.variant == variant and r.label == label and r.eval_task == r.train_task)
                   if s is not None]
         scale = ["–"] * 3 if not scales else [f"{statistics.fmean(s[k] for s in scales):.3g}"

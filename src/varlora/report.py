@@ -407,23 +407,23 @@ def selective_prediction(results: Sequence[RunResult], probs: SavedProbs | None 
             for r in results]
 
 
-def posterior_scale(folder: Path) -> dict[str, float] | None:
-    """The scale of a saved mean-field Gaussian posterior against its means, or None where ``final/`` holds
-    none: ``sigma`` (mean σ over all weights), ``ratio_a`` = mean σ / mean |m| over the LoRA A matrices and
-    ``ratio_all`` the same over all LoRA weights (B starts at 0, so its |m| stays small after a short run).
-
-    σ comes from ``final/posterior.safetensors`` (``std/<name>``, the model's parameter names), m from the peft
-    adapter ``final/adapter_model.safetensors`` (the same names without peft's adapter segment).
+def posterior_scale(folder: Path, method: str) -> dict[str, float] | None:
+    """The scale of the mean-field Gaussian posterior that run ``folder`` of method ``method`` saved, against its
+    means, or None where the method has none (:meth:`~varlora.methods.base.Method.saved_std`) or ``final/``
+    holds none: ``sigma`` (mean σ over the weights that have one), ``ratio_a`` = mean σ / mean |m| over the LoRA
+    A matrices and ``ratio_all`` the same over all of them (B starts at 0, so its |m| stays small after a short
+    run; BLoB's B has no σ, so there the two ratios agree). m comes from the peft adapter
+    ``final/adapter_model.safetensors``.
     """
     import re
 
-    from varlora.posterior import POSTERIOR_FILE, Posterior
+    from varlora.methods import get_method
 
     final = RunPaths(folder).final
     adapter = final / "adapter_model.safetensors"
-    if not (final / POSTERIOR_FILE).is_file() or not adapter.is_file():
+    std = get_method(method).saved_std(final) if method and adapter.is_file() else None
+    if not std:
         return None
-    std = Posterior.load(final).std
     means, _ = _io.read_safetensors(adapter)
     sums = {"a": [0.0, 0.0], "all": [0.0, 0.0]}  # Σσ, Σ|m|
     for name, sigma in std.items():

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from varlora.prediction import Prediction
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from varlora.session import Session
     from varlora.tasks import Example
 
@@ -128,6 +130,13 @@ class Method:
         from varlora.session import load_adapter_weights
 
         load_adapter_weights(self.session.model, folder)
+
+    @classmethod
+    def saved_std(cls, final: Path) -> dict[str, Tensor] | None:
+        """The standard deviations of the mean-field Gaussian posterior that a finished run saved in ``final``,
+        by the adapter's weight names (``...q_proj.lora_A.weight``, peft's adapter segment allowed); None for a
+        method without one, or where ``final`` holds none. Read by the reports' σ / |m| (no model is built)."""
+        return None
 
     # ---- prediction -----------------------------------------------------------------------------------
     def predict(self, examples: Sequence[Example], scorer: Any) -> list[Prediction]:

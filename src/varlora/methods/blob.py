@@ -185,6 +185,15 @@ class BLoB(Method):
         with _io.atomic_path(Path(folder) / BLOB_FILE) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
 
+    @classmethod
+    def saved_std(cls, final: Path) -> dict[str, torch.Tensor] | None:
+        """σ = ρ² of every LoRA A (B is deterministic in BLoB, so it has none), from ``final/blob.safetensors``."""
+        path = Path(final) / BLOB_FILE
+        if not path.is_file():
+            return None
+        rho, _ = _io.read_safetensors(path)
+        return {f"{name}.lora_A.weight": r.square() for name, r in rho.items()}
+
     def load(self, folder: Path) -> None:
         super().load(folder)
         post = self._ensure_posterior()

@@ -25,7 +25,7 @@ from varlora.methods.base import Method, Prediction, StepResult, register
 from varlora.methods.training import backward_batch, linear_scheduler, optimizer_state_bytes, restore, snapshot
 from varlora.optim import IVON, validate_ivon_hyperparameters
 from varlora.optim.sampling import stacked_named_samples
-from varlora.posterior import Posterior
+from varlora.posterior import POSTERIOR_FILE, Posterior
 
 __all__ = ["IVONArgs", "IVONMethod", "tau_label"]
 
@@ -139,6 +139,11 @@ class IVONMethod(Method):
         super().load(folder)
         self.posterior = Posterior.load(folder)
         self.posterior.check_matches(self.session.params)
+
+    @classmethod
+    def saved_std(cls, final: Path) -> dict[str, torch.Tensor] | None:
+        """σ of the saved posterior, ``1 / sqrt(ess · (h + δ))`` per weight (:class:`~varlora.posterior.Posterior`)."""
+        return Posterior.load(final).std if (Path(final) / POSTERIOR_FILE).is_file() else None
 
     def predict(self, examples: Sequence, scorer: Any) -> list[Prediction]:
         rows = []
