@@ -186,3 +186,28 @@ def test_a_posthoc_variant_reuses_the_map_variant_even_when_run_alone(tmp_path):
     [(task, _, seed, config)] = run_configs(preset, variants=["t"], seeds=[2])
     source = _reuse_source(run_configs(preset), task, seed, config, tmp_path)
     assert source == tmp_path / "arc_easy" / "map" / "seed2"  # not "other": its training differs
+
+
+def test_best_within_budget_leaves_out_rows_over_budget_and_ranks_each_metric():
+    cell = {"acc": (50.0, 0, 1), "nll": (1.0, 0, 1)}
+    table = {"map": {"t1": cell, "t2": cell},
+             "cheap": {"t1": cell | {"acc": (60.0, 0, 1), "nll": (0.9, 0, 1)}, "t2": cell | {"nll": (1.2, 0, 1)}},
+             "costly": {"t1": cell | {"acc": (90.0, 0, 1), "nll": (0.1, 0, 1)}, "t2": cell},
+             "unmeasured": {"t1": cell | {"acc": (99.0, 0, 1)}}}
+    ratios = {"map": 1.0, "cheap": 1.1, "costly": 3.0}
+    text = report.best_within_budget(table, ratios, ["t1", "t2"], budget=1.1, metrics=("acc", "nll"))
+    assert "over budget: costly (3.00×)" in text
+    assert "| ACC % | cheap 60.0 · map 50.0 | cheap 50.0 · map 50.0 | – |" in text  # ties: by label
+    assert "| NLL | cheap 0.90 · map 1.00 | map 1.00 · cheap 1.20 | – |" in text
+
+
+def test_training_cost_ratios_divide_by_the_map_run_of_the_same_task_and_seed(tmp_path):
+    def result(label, method, task, seed, seconds):
+        return report.RunResult(tmp_path, task, task, label, seed, seconds, {}, method=method,
+                                cost={"train_seconds": seconds})
+
+    results = [result("adamw", "adamw", "a", 1, 100.0), result("adamw", "adamw", "a", 2, 200.0),
+               result("ivon", "ivon", "a", 1, 110.0), result("ivon", "ivon", "a", 2, 180.0),
+               result("ivon", "ivon", "b", 1, 50.0)]  # no MAP run on task b: not counted
+    ratios = report.training_cost_ratios(results)
+    assert ratios == pytest.approx({"adamw": 1.0, "ivon": (1.1 + 0.9) / 2})
