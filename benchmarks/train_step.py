@@ -1,20 +1,24 @@
-"""Training-step time and peak memory of IVON against AdamW on a real model, measured side by side.
+"""Training-step time and peak memory of IVON and BLoB against AdamW on a real model, measured side by side.
 
 Default: the shared SmolLM2-135M-Instruct, LoRA r 8 on q_proj, v_proj, batches of 4 ARC-Easy training
-questions (cloze scoring), the exact step varlora's trainer runs (``Method.train_step``). Two
-copies of the model, one per optimizer, take turns on the same batches (interleaved, so machine noise hits
-both alike); the ratio of median step times is printed. Peak memory is measured in one fresh subprocess
-per optimizer (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), plus the bytes of optimizer
-state. Goal (issue): IVON ≤ 1.05× AdamW's step time.
+questions (cloze scoring), the exact step varlora's trainer runs (``Method.train_step``), with the `cpu`
+experiment preset's IVON and BLoB settings. One copy of the model per method; the copies take turns on the
+same batches (interleaved, the order rotating every step, so machine noise hits all alike); the ratio of each
+method's median step time to AdamW's is printed. Peak memory is measured in one fresh subprocess per method
+(the steps' peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU, weights included), plus the bytes of
+optimizer state and of extra parameters (IVON's σ exists only once training ends; BLoB's ρ from the start).
+Goal (issue): IVON ≤ 1.05× AdamW's step time. The ensemble's training is M AdamW runs by construction and the
+post-hoc methods reuse AdamW's, so these three methods cover every training cost of the harness.
 
     python benchmarks/train_step.py [--model PATH] [--steps 12] [--warmup 2] [--task arc_easy]
+                                    [--methods adamw ivon blob]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,21 +28,25 @@ import time
 import torch
 
 from varlora.config import RunConfig
+from varlora.cost import PeakMemory
 from varlora.methods import build_method
 from varlora.session import setup
+from varlora.tasks import shared_dir
 
 DEFAULT_MODEL = "../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _config(args: argparse.Namespace, optimizer: str) -> RunConfig:
+def _config(args: argparse.Namespace, method: str) -> RunConfig:
     return RunConfig.from_dict({
         "model": {"name": args.model, "dtype": args.dtype},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
         "data": {"task": args.task, "scoring": args.scoring, "train_limit": 4 * (args.steps + args.warmup),
-                 "eval_limit": 1, "max_length": 256},
-        "method": {"name": optimizer},
+                 "eval_limit": 1, "max_length": 256, "data_dir": args.data_dir},
+        "method": {"name": method},
         "train": {"steps": args.steps + args.warmup, "batch_size": 4, "seed": 21},
-        "ivon": {"lr": 0.03, "ess": 1e6, "hess_init": 0.1, "beta2": 0.99, "clip_radius": 1e-2},
+        "ivon": {"lr": 0.03, "ess": 1e5, "hess_init": 0.01, "beta2": 0.99, "clip_radius": 1e-2},
+        "blob": {"lr": 1e-3, "kl_lr": 0.01, "init_eps": 0.05, "prior_std": 0.2, "kl_weighting": "uniform",
+                 "dataset_rescaling": False},
     })
 
 
@@ -47,45 +55,41 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-               if isinstance(v, torch.Tensor))
-
-
 def time_side_by_side(args: argparse.Namespace) -> dict:
     methods = {}
-    for name in ("adamw", "ivon"):
+    for name in args.methods:
         session = setup(_config(args, name), tempfile.mkdtemp())
         session.model.train()
         methods[name] = build_method(session)
         methods[name].setup()
-    times: dict[str, list[float]] = {"adamw": [], "ivon": []}
-    for step in range(args.steps + args.warmup):  # the same batches for both: session.batch(step)
-        order = ("adamw", "ivon") if step % 2 == 0 else ("ivon", "adamw")
-        for name in order:
+    times: dict[str, list[float]] = {name: [] for name in args.methods}
+    for step in range(args.steps + args.warmup):  # the same batches for all: session.batch(step)
+        shift = step % len(args.methods)
+        for name in args.methods[shift:] + args.methods[:shift]:
             _sync()
             started = time.perf_counter()
             methods[name].train_step(step)
             _sync()
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - started)
-    return {name: {"median_s": statistics.median(t), "min_s": min(t),
-                   "state_bytes": _state_bytes(methods[name].optimizer)} for name, t in times.items()}
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), **methods[name].extra_bytes()}
+            for name, t in times.items()}
 
 
-def peak_memory(args: argparse.Namespace, optimizer: str) -> dict:
-    """Run in a fresh process: setup + steps of one optimizer; report peak memory."""
-    session = setup(_config(args, optimizer), tempfile.mkdtemp())
+def peak_memory(args: argparse.Namespace, name: str) -> dict:
+    """Run in a fresh process: setup, then steps of one method; the peak memory of the steps alone
+    (:class:`varlora.cost.PeakMemory`, reset after the model is loaded: loading a GGUF file peaks higher than
+    training and would hide the difference)."""
+    session = setup(_config(args, name), tempfile.mkdtemp())
     session.model.train()
     method = build_method(session)
     method.setup()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    gc.collect()
+    peak = PeakMemory(next(iter(session.params.values())).device)
+    peak.reset()
     for step in range(args.warmup + 2):
         method.train_step(step)
-    if torch.cuda.is_available():
-        return {"peak_bytes": torch.cuda.max_memory_allocated(), "kind": "cuda max_memory_allocated"}
-    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "kind": "peak RSS"}
+    return {"peak_bytes": peak.read(), "kind": peak.kind}
 
 
 def main() -> None:
@@ -93,34 +97,41 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--task", default="arc_easy")
+    shared = shared_dir()
+    parser.add_argument("--data-dir", default=str(shared / "data") if shared is not None else None,
+                        help="the task's release files (default: ../shared/data where it exists, else the hub)")
     parser.add_argument("--scoring", default="cloze", choices=["cloze", "letter"])
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per optimizer")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--memory-of", choices=["adamw", "ivon"], help=argparse.SUPPRESS)
+    parser.add_argument("--methods", nargs="+", default=["adamw", "ivon", "blob"],
+                        help="methods to time; the first is the reference of the ratios")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:
         print(json.dumps(peak_memory(args, args.memory_of)))
         return
     timing = time_side_by_side(args)
     memory = {}
-    for name in ("adamw", "ivon"):
+    for name in args.methods:
         command = [sys.executable, __file__, "--memory-of", name, "--model", args.model, "--dtype", args.dtype,
                    "--task", args.task, "--scoring", args.scoring, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)]
+                   "--warmup", str(args.warmup), *(["--data-dir", args.data_dir] if args.data_dir else [])]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         memory[name] = json.loads(out.strip().splitlines()[-1])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"train step, {args.model}, LoRA r8 q,v, batch 4 {args.task} ({args.scoring}), {device}, "
           f"{args.steps} interleaved steps each after {args.warmup} warm-up")
-    print(f"{'':8}{'median s/step':>14}{'min s/step':>12}{'opt. state MB':>15}{'peak MB':>10}")
-    for name in ("adamw", "ivon"):
+    print(f"{'':8}{'median s/step':>14}{'min s/step':>12}{'opt. state MB':>15}{'extra MB':>10}{'peak MB':>10}")
+    for name in args.methods:
         t, m = timing[name], memory[name]
-        print(f"{name:8}{t['median_s']:14.3f}{t['min_s']:12.3f}{t['state_bytes'] / 2**20:15.2f}"
-              f"{m['peak_bytes'] / 2**20:10.0f}")
-    ratio = timing["ivon"]["median_s"] / timing["adamw"]["median_s"]
-    print(f"IVON / AdamW step time (median): {ratio:.3f}  (goal <= 1.05)")
-    print(f"IVON / AdamW peak memory ({memory['ivon']['kind']}): "
-          f"{memory['ivon']['peak_bytes'] / memory['adamw']['peak_bytes']:.3f}")
+        print(f"{name:8}{t['median_s']:14.3f}{t['min_s']:12.3f}{t['optimizer_state_bytes'] / 2**20:15.2f}"
+              f"{t['extra_param_bytes'] / 2**20:10.2f}{m['peak_bytes'] / 2**20:10.0f}")
+    reference = args.methods[0]
+    for name in args.methods[1:]:
+        ratio = timing[name]["median_s"] / timing[reference]["median_s"]
+        goal = "  (goal <= 1.05)" if name == "ivon" else ""
+        print(f"{name} / {reference} step time (median): {ratio:.3f}{goal}; peak memory ({memory[name]['kind']}): "
+              f"{memory[name]['peak_bytes'] / memory[reference]['peak_bytes']:.3f}")
 
 
 if __name__ == "__main__":
