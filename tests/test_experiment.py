@@ -198,7 +198,7 @@ def test_best_within_budget_leaves_out_rows_over_budget_and_ranks_each_metric():
     text = report.best_within_budget(table, ratios, ["t1", "t2"], budget=1.1, metrics=("acc", "nll"))
     assert "over budget: costly (3.00×)" in text
     assert "| ACC % | cheap 60.0 · map 50.0 | cheap 50.0 · map 50.0 | – |" in text  # ties: by label
-    assert "| NLL | cheap 0.90 · map 1.00 | map 1.00 · cheap 1.20 | – |" in text
+    assert "| NLL | cheap 0.900 · map 1.000 | map 1.000 · cheap 1.200 | – |" in text
 
 
 def test_training_cost_ratios_divide_by_the_map_run_of_the_same_task_and_seed(tmp_path):

@@ -378,7 +378,7 @@ def best_within_budget(table: dict, ratios: dict[str, float], tasks: Sequence[st
         for column in columns:
             ranked = sorted((sign * table[label][column][metric][0], label) for label in eligible
                             if metric in table[label].get(column, {}))
-            digits = 2 if metric in ("nll", "brier") else 1
+            digits = 3 if metric in ("nll", "brier") else 1  # one more than the tables: close rows differ
             cells.append(" · ".join(f"{label} {sign * value:.{digits}f}" for value, label in ranked[:2]) or "–")
         lines.append(f"| {_LABELS[metric]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
