@@ -23,7 +23,7 @@ from varlora.config import check, option
 from varlora.evaluate import batched_sampled_prediction, deterministic_prediction, sampled_prediction
 from varlora.methods.base import Method, Prediction, StepResult, register
 from varlora.methods.training import backward_batch, linear_scheduler, optimizer_state_bytes, restore, snapshot
-from varlora.optim import IVON, validate_ivon_hyperparameters
+from varlora.optim import IVON, OWN_STATE_KEY, validate_ivon_hyperparameters
 from varlora.optim.sampling import stacked_named_samples
 from varlora.posterior import POSTERIOR_FILE, Posterior
 
@@ -120,11 +120,11 @@ class IVONMethod(Method):
         self.scheduler.load_state_dict(state["scheduler"])
 
     def rank_state(self) -> dict[str, Any] | None:
-        return {"ivon": self.optimizer.state_dict().get("ivon")}
+        return {OWN_STATE_KEY: self.optimizer.state_dict().get(OWN_STATE_KEY)}
 
     def load_rank_state(self, state: dict[str, Any] | None) -> None:
-        if state is not None and state.get("ivon") is not None:  # this rank's noise generators
-            self.optimizer.load_state_dict({**self._optimizer_state, "ivon": state["ivon"]})
+        if state is not None and state.get(OWN_STATE_KEY) is not None:  # this rank's noise generators
+            self.optimizer.load_state_dict({**self._optimizer_state, OWN_STATE_KEY: state[OWN_STATE_KEY]})
 
     def fit_posthoc(self, log) -> dict[str, Any]:
         """Read the posterior off the trained optimizer."""

@@ -28,15 +28,16 @@ from torch.optim.optimizer import ParamsT
 from varlora.optim import _cpu_kernels, sampling
 from varlora.optim import _functional as F
 
-__all__ = ["IVON", "IVON_DEFAULTS", "NOISE_PATHS", "ParamPosterior", "validate_ivon_hyperparameters"]
+__all__ = ["IVON", "IVON_DEFAULTS", "NOISE_PATHS", "OWN_STATE_KEY", "ParamPosterior", "validate_ivon_hyperparameters"]
 
 HESS_APPROXES = ("price", "gradsq")
 #: How the optimizer draws its CPU fp32 training noise (recorded in the state dict, see ``IVON``).
 NOISE_PATHS = ("fused", "torch")
 
 #: The key of the optimizer's own entries (step and sample counters, generator states, noise path) in its
-#: state dict, beside torch.optim's "state" and "param_groups"; saved checkpoints use it, so it never changes.
-_OWN_STATE_KEY = "ivon"
+#: state dict, beside torch.optim's "state" and "param_groups"; saved checkpoints use it, so it never changes
+#: (an on-disk key, not a branch on a method: whoever reads those entries uses this name).
+OWN_STATE_KEY = "ivon"
 
 #: The defaults of IVON's optional hyper-parameters: those of the reference implementation (``ivon-opt``) and
 #: of the paper's Algorithm 1, so that ``IVON`` is a drop-in replacement. ``lr`` and ``ess`` have none.
@@ -1029,7 +1030,7 @@ class IVON(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------- state dicts
 
     def state_dict(self) -> dict[str, Any]:
-        """The ``torch.optim`` state dict plus ``"ivon"`` (:data:`_OWN_STATE_KEY`): step and sample counters and the
+        """The ``torch.optim`` state dict plus ``"ivon"`` (:data:`OWN_STATE_KEY`): step and sample counters and the
         generator states.
 
         Per-parameter state: ``step`` (int), ``hess``, ``momentum``, ``mean`` (low-precision parameters only)
@@ -1039,7 +1040,7 @@ class IVON(torch.optim.Optimizer):
         if self._sample is not None:
             raise RuntimeError("state_dict() cannot be called inside sampled_params(): the weights are perturbed")
         out = super().state_dict()
-        out[_OWN_STATE_KEY] = {
+        out[OWN_STATE_KEY] = {
             "num_samples": self._num_samples,
             "num_steps": self._num_steps,
             "generators": {key: gen.get_state() for key, gen in self._generators.items()},
@@ -1054,7 +1055,7 @@ class IVON(torch.optim.Optimizer):
         if self._sample is not None:
             raise RuntimeError("load_state_dict() cannot be called inside sampled_params()")
         state_dict = dict(state_dict)
-        extra = state_dict.pop(_OWN_STATE_KEY, {})
+        extra = state_dict.pop(OWN_STATE_KEY, {})
         if extra.get("noise_path") is not None:  # None: no CPU fp32 training draw yet, or an older state dict
             self._adopt_noise_path(extra["noise_path"])
         saved_state = state_dict.get("state", {})
