@@ -305,20 +305,15 @@ def rank_table(table: dict, tasks: Sequence[str], metrics: Sequence[str] = ("acc
     return "\n".join(lines) + "\n"
 
 
-def _map_seconds(in_domain: Sequence[RunResult]) -> dict[tuple[str, int], float]:
-    """The MAP method's training seconds per (task, seed)."""
-    from varlora.methods import get_method
-
-    return {(r.train_task, r.seed): r.cost["train_seconds"] for r in in_domain
-            if r.method and get_method(r.method).role == "map" and r.cost}
-
-
 def training_cost_ratios(results: Sequence[RunResult]) -> dict[str, float]:
     """Per row label, the mean over its in-distribution runs of training seconds ÷ the MAP run's on the same
     task and seed (a post-hoc method counts the MAP run it reuses: 1); labels without a MAP run to compare
     with are absent."""
+    from varlora.methods import get_method
+
     in_domain = [r for r in results if r.eval_task == r.train_task]
-    map_seconds = _map_seconds(in_domain)
+    map_seconds = {(r.train_task, r.seed): r.cost["train_seconds"] for r in in_domain
+                   if r.method and get_method(r.method).role == "map" and r.cost}
     ratios: dict[str, list[float]] = defaultdict(list)
     for r in in_domain:
         if r.cost and map_seconds.get((r.train_task, r.seed)):
@@ -374,11 +369,11 @@ def best_within_budget(table: dict, ratios: dict[str, float], tasks: Sequence[st
              "| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for metric in metrics:
         sign = -1.0 if metric == "acc" else 1.0
+        digits = 3 if metric in ("nll", "brier") else 1  # one more than the tables: close rows differ
         cells = []
         for column in columns:
             ranked = sorted((sign * table[label][column][metric][0], label) for label in eligible
                             if metric in table[label].get(column, {}))
-            digits = 3 if metric in ("nll", "brier") else 1  # one more than the tables: close rows differ
             cells.append(" · ".join(f"{label} {sign * value:.{digits}f}" for value, label in ranked[:2]) or "–")
         lines.append(f"| {_LABELS[metric]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
