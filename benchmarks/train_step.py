@@ -29,6 +29,7 @@ import torch
 
 from varlora.config import RunConfig
 from varlora.cost import PeakMemory
+from varlora.experiment import load_preset
 from varlora.methods import build_method
 from varlora.session import setup
 from varlora.tasks import shared_dir
@@ -37,6 +38,9 @@ DEFAULT_MODEL = "../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _config(args: argparse.Namespace, method: str) -> RunConfig:
+    """The benchmark's run of ``method``, with the method's own settings from the `cpu` preset's variant of
+    the same name (none for a method the preset lacks: its defaults)."""
+    variant = load_preset("cpu").variants.get(method, {})
     return RunConfig.from_dict({
         "model": {"name": args.model, "dtype": args.dtype},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
@@ -44,9 +48,7 @@ def _config(args: argparse.Namespace, method: str) -> RunConfig:
                  "eval_limit": 1, "max_length": 256, "data_dir": args.data_dir},
         "method": {"name": method},
         "train": {"steps": args.steps + args.warmup, "batch_size": 4, "seed": 21},
-        "ivon": {"lr": 0.03, "ess": 1e5, "hess_init": 0.01, "beta2": 0.99, "clip_radius": 1e-2},
-        "blob": {"lr": 1e-3, "kl_lr": 0.01, "init_eps": 0.05, "prior_std": 0.2, "kl_weighting": "uniform",
-                 "dataset_rescaling": False},
+        **{section: values for section, values in variant.items() if section != "method"},
     })
 
 
