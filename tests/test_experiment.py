@@ -129,6 +129,17 @@ def test_aggregate_mean_and_standard_error(tmp_path):
     assert "adamw,t1,acc,60,5.7735,3" in report.csv_table(table)
 
 
+def test_nll_and_brier_are_shown_to_three_decimals(tmp_path):
+    # two-choice tasks put every NLL near ln 2: 0.693 and 0.705 must not both print as 0.70
+    _fake_run(tmp_path, "t1", "adamw", 1, {"adamw": _m(50.0, nll=0.6931, brier=0.5004)})
+    _fake_run(tmp_path, "t1", "ivon", 1, {"ivon@mean": _m(51.0, nll=0.7049, brier=0.5051)})
+    table = report.aggregate(report.find_runs(tmp_path), ["adamw", "ivon@mean"], ["t1"])
+    md = report.markdown_table(table, ["t1"], metrics=report.METRICS)
+    assert "| adamw | 0.693 |" in md and "| ivon@mean | 0.705 |" in md
+    assert "| adamw | 0.500 |" in md and "| ivon@mean | 0.505 |" in md
+    assert "| adamw | 50.0 |" in md
+
+
 def test_write_report_labels_tuning_variants(tmp_path):
     preset = load_preset("tune-cpu")
     task = next(iter(preset.tasks))

@@ -136,8 +136,14 @@ def _fmt(cell: tuple[float, float, int] | None, metric: str) -> str:
     if cell is None:
         return "–"
     mean, se, _ = cell
-    digits = 2 if metric in ("nll", "brier") else 1
+    digits = _digits(metric)
     return f"{mean:.{digits}f}" + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
+
+
+def _digits(metric: str) -> int:
+    """Decimals shown: 3 for NLL and Brier (on two-choice tasks every NLL lies near ln 2 = 0.693, and two
+    decimals would hide the ordering), 1 for the percentages."""
+    return 3 if metric in ("nll", "brier") else 1
 
 
 def markdown_table(table: dict, tasks: Sequence[str], metrics: Sequence[str] = ("acc", "ece", "nll")) -> str:
@@ -369,7 +375,7 @@ def best_within_budget(table: dict, ratios: dict[str, float], tasks: Sequence[st
              "| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for metric in metrics:
         sign = -1.0 if metric == "acc" else 1.0
-        digits = 3 if metric in ("nll", "brier") else 1  # one more than the tables: close rows differ
+        digits = _digits(metric)
         cells = []
         for column in columns:
             ranked = sorted((sign * table[label][column][metric][0], label) for label in eligible
