@@ -1,30 +1,30 @@
-"""Cost of an S-sample posterior evaluation against S evaluations at the mean, on CPU.
+"""Cost of an S-sample posterior evaluation against S evaluations at the mean, side by side in one process.
 
-The model is a randomly initialised Llama of SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads / 3 KV
-heads, MLP 1536, vocabulary 49,152; ``--layers`` to shrink it) with rank-8 LoRA on q_proj and v_proj and a
+The model is a randomly initialised Llama (``--shape``: SmolLM2-135M's, the default, or Llama-2-7B's;
+``--layers`` to shrink it), built on ``--device`` in ``--dtype``, with rank-8 LoRA on q_proj and v_proj and a
 random mean-field posterior; the examples are ARC-Easy validation questions (the shared data folder, else
-made-up 4-way questions), scored with the cloze protocol (shared-prefix KV cache). Timed alternately in one
-process, per repeat:
+made-up 4-way questions, as on a GPU machine), scored with the cloze protocol (shared-prefix KV cache) and a
+tokenizer trained in memory. Timed alternately, per repeat:
 
 * ``mean``: one evaluation at the posterior mean (``predict_logits``);
 * ``batched``: S samples in one folded forward per batch (``eval.batched_samples = true``);
 * ``sequential``: S forwards, one per sample (``eval.batched_samples = false``, the default: the batched path
   is not faster on CPU, where both do the same FLOPs on batches that already fill a core).
 
-The ratio reported is median(batched) / (S × median(mean)); the goal is ≤ 0.6. The output starts with the
-CPU model and the thread count. Run: ``python benchmarks/sampled_eval.py [--samples 10] [--examples 16]
-[--batch-size 8] [--repeats 3] [--threads 1] [--layers 30]``.
+The ratio reported is median(batched) / (S × median(mean)); the goal is ≤ 0.6 (reachable where one forward
+leaves the device idle, i.e. on a GPU). The output starts with the device and, on CPU, the thread count. Run:
+``python benchmarks/sampled_eval.py [--shape smollm2-135m|llama-2-7b] [--layers N] [--device cpu|cuda]
+[--dtype float32|bfloat16] [--samples 10] [--examples 16] [--batch-size 8] [--repeats 3] [--threads 1]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _shapes import SHAPES, describe, device_name, examples, random_model, synchronize, tokenizer
 
 from varlora._batched_lora import batched_lora
 from varlora.config import LoraArgs
@@ -32,70 +32,33 @@ from varlora.evaluate import predict_logits
 from varlora.models import attach_lora, lora_parameters
 from varlora.optim.sampling import perturbed_named_params, stacked_named_samples
 from varlora.scoring import make_scorer
-from varlora.tasks import Example, get_task
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def tokenizer():
-    """A byte-level BPE tokenizer trained in memory (no downloads)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["Question: Which of these is a mammal?\nAnswer: a whale a shark a trout"] * 10,
-                            trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
-def examples(n: int) -> tuple[list[Example], str]:
-    try:
-        return get_task("arc_easy").load("validation", limit=n, seed=0), "ARC-Easy validation"
-    except (FileNotFoundError, ValueError):
-        words = ["red", "blue", "green", "pink", "black", "white"]
-        return [Example(f"q{i}", f"Which of these colours is {words[i % 6]}, as the painter said?",
-                        tuple(words[(i + j) % 6] for j in range(4)), 0) for i in range(n)], "made-up questions"
+from varlora.tasks import get_task
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    parser.add_argument("--layers", type=int, help="depth (default: the shape's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--examples", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads")
     parser.add_argument("--no-sequential", action="store_true", help="skip the sequential path (saves time)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = attach_lora(LlamaForCausalLM(config).eval(), LoraArgs(r=8, alpha=16), seed=0).eval()
+    model = random_model(args.shape, args.layers, args.dtype, args.device)
+    model = attach_lora(model, LoraArgs(r=8, alpha=16), seed=0).to(args.device).eval()
     params = lora_parameters(model)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in params.values():
             p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-    stds = {n: 0.01 * torch.rand(p.shape, generator=gen) for n, p in params.items()}
+    stds = {n: 0.01 * torch.rand(p.shape, generator=gen).to(p.device) for n, p in params.items()}
     data, source = examples(args.examples)
-    task = get_task("arc_easy")
-    scorer = make_scorer("cloze", tokenizer(), task, max_length=512)
+    scorer = make_scorer("cloze", tokenizer(), get_task("arc_easy"), max_length=512)
     S, bs = args.samples, args.batch_size
 
     def mean() -> None:
@@ -114,16 +77,17 @@ def main() -> None:
                 predict_logits(model, scorer, data, bs)
 
     cases = {"mean": mean, "batched": batched} | ({} if args.no_sequential else {"sequential": sequential})
-    print(f"CPU: {cpu_model()}; torch threads: {torch.get_num_threads()}; torch {torch.__version__}")
-    print(f"model: random Llama, SmolLM2-135M shape with {args.layers} layers "
-          f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters), LoRA r=8 on q_proj, v_proj; "
-          f"{len(data)} {source} questions, cloze, batch {bs}; S = {S}; {args.repeats} repeats")
+    print(f"device: {device_name(args.device)}; torch {torch.__version__}")
+    print(f"model: {describe(model, args.shape)}, LoRA r=8 on q_proj, v_proj; {len(data)} {source}, cloze, "
+          f"batch {bs}; S = {S}; {args.repeats} repeats")
     mean()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(args.repeats):
         for name, fn in cases.items():
+            synchronize(args.device)
             started = time.perf_counter()
             fn()
+            synchronize(args.device)
             times[name].append(time.perf_counter() - started)
     med = {k: statistics.median(v) for k, v in times.items()}
     for name, value in med.items():

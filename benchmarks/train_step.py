@@ -1,17 +1,20 @@
-"""Training-step time and peak memory of IVON and BLoB against AdamW on a real model, measured side by side.
+"""Training-step time and peak memory of IVON and BLoB against AdamW, measured side by side.
 
 Default: the shared SmolLM2-135M-Instruct, LoRA r 8 on q_proj, v_proj, batches of 4 ARC-Easy training
 questions (cloze scoring), the exact step varlora's trainer runs (``Method.train_step``), with the `cpu`
-experiment preset's IVON and BLoB settings. One copy of the model per method; the copies take turns on the
-same batches (interleaved, the order rotating every step, so machine noise hits all alike); the ratio of each
-method's median step time to AdamW's is printed. Peak memory is measured in one fresh subprocess per method
-(the steps' peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU, weights included), plus the bytes of
-optimizer state and of extra parameters (IVON's σ exists only once training ends; BLoB's ρ from the start).
-Goal (issue): IVON ≤ 1.05× AdamW's step time. The ensemble's training is M AdamW runs by construction and the
-post-hoc methods reuse AdamW's, so these three methods cover every training cost of the harness.
+experiment preset's IVON and BLoB settings. ``--shape llama-2-7b`` (or ``smollm2-135m``) times a randomly
+initialised model of that size instead, built on ``--device`` in ``--dtype`` with a tokenizer trained in memory
+and the demo's packaged ARC-Easy questions where no data folder exists: what runs on a GPU machine, which has
+neither the model nor the data. One copy of the model per method; the copies take turns on the same batches
+(interleaved, the order rotating every step, so machine noise hits all alike); the ratio of each method's median
+step time to AdamW's is printed. Peak memory is measured in one fresh subprocess per method (the steps' peak RSS
+on CPU, ``torch.cuda.max_memory_allocated`` on GPU, weights included), plus the bytes of optimizer state and of
+extra parameters (IVON's σ exists only once training ends; BLoB's ρ from the start). Goal (issue): IVON ≤ 1.05×
+AdamW's step time. The ensemble's training is M AdamW runs by construction and the post-hoc methods reuse
+AdamW's, so these three methods cover every training cost of the harness.
 
-    python benchmarks/train_step.py [--model PATH] [--steps 12] [--warmup 2] [--task arc_easy]
-                                    [--methods adamw ivon blob]
+    python benchmarks/train_step.py [--model PATH | --shape llama-2-7b [--layers N]] [--device cuda]
+                                    [--dtype bfloat16] [--steps 12] [--warmup 2] [--methods adamw ivon blob]
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import tempfile
 import time
 
 import torch
+from _shapes import SHAPES, describe, device_name, random_model, synchronize, tokenizer
 
+from varlora.assets import DEMO_DATA_DIR
 from varlora.config import RunConfig
 from varlora.cost import PeakMemory
 from varlora.experiment import load_preset
@@ -52,15 +57,18 @@ def _config(args: argparse.Namespace, method: str) -> RunConfig:
     })
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def _session(args: argparse.Namespace, method: str):
+    """The session of ``method``'s run: the model of ``--model``, or a random one of ``--shape`` on ``--device``."""
+    if args.shape is None:
+        return setup(_config(args, method), tempfile.mkdtemp())
+    base = random_model(args.shape, args.layers, args.dtype, args.device)
+    return setup(_config(args, method), tempfile.mkdtemp(), base_model=base, tokenizer=tokenizer())
 
 
 def time_side_by_side(args: argparse.Namespace) -> dict:
     methods = {}
     for name in args.methods:
-        session = setup(_config(args, name), tempfile.mkdtemp())
+        session = _session(args, name)
         session.model.train()
         methods[name] = build_method(session)
         methods[name].setup()
@@ -68,10 +76,10 @@ def time_side_by_side(args: argparse.Namespace) -> dict:
     for step in range(args.steps + args.warmup):  # the same batches for all: session.batch(step)
         shift = step % len(args.methods)
         for name in args.methods[shift:] + args.methods[:shift]:
-            _sync()
+            synchronize(args.device)
             started = time.perf_counter()
             methods[name].train_step(step)
-            _sync()
+            synchronize(args.device)
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - started)
     return {name: {"median_s": statistics.median(t), "min_s": min(t), **methods[name].extra_bytes()}
@@ -82,7 +90,7 @@ def peak_memory(args: argparse.Namespace, name: str) -> dict:
     """Run in a fresh process: setup, then steps of one method; the peak memory of the steps alone
     (:class:`varlora.cost.PeakMemory`, reset after the model is loaded: loading a GGUF file peaks higher than
     training and would hide the difference)."""
-    session = setup(_config(args, name), tempfile.mkdtemp())
+    session = _session(args, name)
     session.model.train()
     method = build_method(session)
     method.setup()
@@ -97,11 +105,15 @@ def peak_memory(args: argparse.Namespace, name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="time a random model of this size, not --model")
+    parser.add_argument("--layers", type=int, help="with --shape: depth (default: the shape's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--task", default="arc_easy")
     shared = shared_dir()
     parser.add_argument("--data-dir", default=str(shared / "data") if shared is not None else None,
-                        help="the task's release files (default: ../shared/data where it exists, else the hub)")
+                        help="the task's release files (default: ../shared/data where it exists; with --shape "
+                             "and none, the demo's packaged ARC-Easy questions; else the hub)")
     parser.add_argument("--scoring", default="cloze", choices=["cloze", "letter"])
     parser.add_argument("--steps", type=int, default=12, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=2)
@@ -109,6 +121,8 @@ def main() -> None:
                         help="methods to time; the first is the reference of the ratios")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.shape is not None and args.data_dir is None:
+        args.data_dir = str(DEMO_DATA_DIR)
     if args.memory_of:
         print(json.dumps(peak_memory(args, args.memory_of)))
         return
@@ -116,12 +130,15 @@ def main() -> None:
     memory = {}
     for name in args.methods:
         command = [sys.executable, __file__, "--memory-of", name, "--model", args.model, "--dtype", args.dtype,
-                   "--task", args.task, "--scoring", args.scoring, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), *(["--data-dir", args.data_dir] if args.data_dir else [])]
+                   "--device", args.device, "--task", args.task, "--scoring", args.scoring, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), *(["--data-dir", args.data_dir] if args.data_dir else []),
+                   *(["--shape", args.shape] if args.shape else []),
+                   *(["--layers", str(args.layers)] if args.layers else [])]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         memory[name] = json.loads(out.strip().splitlines()[-1])
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"train step, {args.model}, LoRA r8 q,v, batch 4 {args.task} ({args.scoring}), {device}, "
+    model = args.model if args.shape is None else describe(random_model(args.shape, args.layers, args.dtype, "meta"),
+                                                                      args.shape)
+    print(f"train step, {model}, LoRA r8 q,v, batch 4 {args.task} ({args.scoring}), {device_name(args.device)}, "
           f"{args.steps} interleaved steps each after {args.warmup} warm-up")
     print(f"{'':8}{'median s/step':>14}{'min s/step':>12}{'opt. state MB':>15}{'extra MB':>10}{'peak MB':>10}")
     for name in args.methods:

@@ -172,3 +172,22 @@ def test_killed_run_resumes_bit_for_bit(assets, tmp_path):
         return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
 
     assert losses(clean) == losses(killed)
+
+
+def test_a_base_model_in_memory_gives_the_session_of_the_same_model_loaded_from_disk(assets, tmp_path):
+    from conftest import tiny_llama, tiny_tokenizer
+    from varlora.evaluate import predict_logits
+    from varlora.session import setup
+
+    config = _config(assets, "adamw")
+    loaded = setup(config, tmp_path / "a")
+    given = setup(config, tmp_path / "b", base_model=tiny_llama(seed=0), tokenizer=tiny_tokenizer())
+    assert list(given.params) == list(loaded.params)
+    assert all(torch.equal(given.params[n], loaded.params[n]) for n in loaded.params)  # same seeded LoRA init
+    frozen = [p for n, p in given.model.named_parameters() if "lora_" not in n]
+    assert frozen and not any(p.requires_grad for p in frozen) and all(p.requires_grad for p in given.params.values())
+    examples = loaded.val_examples[:6]
+    assert torch.equal(predict_logits(given.model.eval(), given.scorer, examples, 3),
+                       predict_logits(loaded.model.eval(), loaded.scorer, examples, 3))
+    with pytest.raises(ValueError, match="base_model and tokenizer together"):
+        setup(config, tmp_path / "c", base_model=tiny_llama(seed=0))

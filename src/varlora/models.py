@@ -24,8 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from varlora.config import LoraArgs
 
-__all__ = ["ModelLoadError", "resolve_model_source", "load_base_model", "load_tokenizer", "attach_lora",
-           "lora_parameters", "save_adapter"]
+__all__ = ["ModelLoadError", "resolve_model_source", "load_base_model", "prepare_base_model", "load_tokenizer",
+           "attach_lora", "lora_parameters", "save_adapter"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,6 +93,12 @@ def load_base_model(name: str, dtype: str = "float32") -> PreTrainedModel:
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+    return prepare_base_model(model)
+
+
+def prepare_base_model(model: PreTrainedModel) -> PreTrainedModel:
+    """Freeze ``model`` in place (no gradients, eval mode) and give its config a pad token id (the EOS id when it
+    has none), as LoRA training on top of it expects."""
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     model.requires_grad_(False)

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from varlora import _io, distributed
 from varlora.config import ConfigError, RunConfig
-from varlora.models import attach_lora, load_base_model, load_tokenizer, lora_parameters
+from varlora.models import attach_lora, load_base_model, load_tokenizer, lora_parameters, prepare_base_model
 from varlora.run_paths import RunPaths
 from varlora.schedule import batch_indices
 from varlora.scoring import make_scorer
 from varlora.tasks import Example, Task, get_task, subsample
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["Session", "setup", "load_splits", "scorer_for", "load_adapter_weights", "ADAPTER_FILE"]
 
@@ -66,18 +69,24 @@ class Session:
         return [pool[i] for i in sorted(pick[:n].tolist())]
 
 
-def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True, need_data: bool = True) -> Session:
+def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True, need_data: bool = True,
+          base_model: PreTrainedModel | None = None, tokenizer: Any = None) -> Session:
     """Load the model and data of ``config``; LoRA is initialised from the run seed.
 
     ``need_train=False``: only the evaluation examples are loaded. ``need_data=False``: no task data at all
     (the task is not even looked up; ``scorer`` is None and the example lists are empty), for prediction on
-    examples given by the caller (:func:`varlora.load`).
+    examples given by the caller (:func:`varlora.load`). ``base_model`` and ``tokenizer`` (both or neither): a
+    causal LM already in memory and its tokenizer, used instead of loading ``config.model.name`` (e.g. a randomly
+    initialised model of a real size, for a benchmark); the model is frozen in place and gets LoRA.
     """
+    if (base_model is None) != (tokenizer is None):
+        raise ValueError("setup: pass base_model and tokenizer together, or neither")
     paths = RunPaths(Path(run_dir))
     torch.manual_seed(config.train.seed)
-    tokenizer = load_tokenizer(config.model.name)
-    base = load_base_model(config.model.name, config.model.dtype)
-    model = attach_lora(base, config.lora, seed=config.train.seed)
+    if base_model is None:
+        tokenizer = load_tokenizer(config.model.name)
+        base_model = load_base_model(config.model.name, config.model.dtype)
+    model = attach_lora(prepare_base_model(base_model), config.lora, seed=config.train.seed)
     model.to(distributed.local_device())
     if distributed.rank() > 0:  # the same LoRA initialisation on every rank, but rank-specific dropout
         torch.manual_seed(config.train.seed * 1_000_003 + distributed.rank())
