@@ -1,7 +1,7 @@
 """What the benchmarks need where no model or data can be read (a lent GPU machine has neither the hub nor
 ``../shared``): randomly initialised Llama models of real sizes, built directly on the device in the dtype
-asked for, a byte-level BPE tokenizer trained in memory, and questions (ARC-Easy where its files can be read,
-else made up). Speed and memory depend on the shapes, not on the weights' values.
+asked for, a byte-level BPE tokenizer trained in memory, and ARC-Easy questions from the local data folder or,
+without one, the demo's packaged questions. Speed and memory depend on the shapes, not on the weights' values.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from varlora.tasks import Example, get_task, resolve_data_dir, shared_dir
+from varlora.assets import find_demo_data
+from varlora.tasks import Example, get_task, resolve_data_dir
 
 #: LlamaConfig fields of the architectures the benchmarks time (vocabulary, widths, layers, heads)
 SHAPES = {
@@ -22,20 +23,20 @@ SHAPES = {
                    "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
                    "tie_word_embeddings": False},
 }
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def random_model(shape: str, layers: int | None = None, dtype: str = "float32", device: str = "cpu",
                  seed: int = 0) -> torch.nn.Module:
     """A randomly initialised ``LlamaForCausalLM`` of ``shape`` (``layers`` overrides its depth), made in
-    ``dtype`` on ``device`` (no copy through host memory: a 7B model is built on the GPU directly)."""
+    ``dtype`` (a torch dtype's name) on ``device`` (no copy through host memory: a 7B model is built on the GPU
+    directly)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     fields = SHAPES[shape] | ({"num_hidden_layers": layers} if layers else {})
     config = LlamaConfig(**fields, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     return model.eval()
 
 
@@ -62,22 +63,10 @@ def tokenizer():
 
 
 def examples(n: int, split: str = "validation") -> tuple[list[Example], str]:
-    """``n`` ARC-Easy questions of ``split`` (seed-0 subset) from a local data folder (``$VARLORA_DATA_DIR``,
-    else ``../shared/data``), else ``n`` made-up 4-way questions; never the hub (a GPU machine is offline)."""
-    folder = data_dir()
-    if folder is not None:
-        return get_task("arc_easy").load(split, data_dir=folder, limit=n, seed=0), f"ARC-Easy {split} questions"
-    words = ["red", "blue", "green", "pink", "black", "white"]
-    return [Example(f"q{i}", f"Which of these colours is {words[i % 6]}, as the painter said?",
-                    tuple(words[(i + j) % 6] for j in range(4)), 0) for i in range(n)], "made-up questions"
-
-
-def data_dir() -> str | None:
-    """The local folder of the release files, if there is one: ``$VARLORA_DATA_DIR``, else ``../shared/data``."""
-    folder = resolve_data_dir()
-    if folder is None and (shared := shared_dir()) is not None and (shared / "data").is_dir():
-        folder = shared / "data"
-    return None if folder is None else str(folder)
+    """``n`` ARC-Easy questions of ``split`` (seed-0 subset) from the local data folder (``$VARLORA_DATA_DIR``,
+    else ``../shared/data``), else from the demo's packaged ones; never the hub (a GPU machine is offline)."""
+    folder = resolve_data_dir() or find_demo_data()
+    return get_task("arc_easy").load(split, data_dir=folder, limit=n, seed=0), f"ARC-Easy {split} questions"
 
 
 def device_name(device: str) -> str:

@@ -4,7 +4,7 @@
 #   train_step.py   one training step of AdamW, IVON and BLoB (the cpu preset's settings), time and peak memory;
 #   sampled_eval.py IVON's 10-sample evaluation, batched and sequential, against 10 evaluations at the mean.
 # The machine has neither ../shared nor the hub: the model is built on the GPU, the tokenizer is trained in memory,
-# the questions are the demo's packaged ARC-Easy ones (train_step) or made up (sampled_eval).
+# the questions are the demo's packaged ARC-Easy ones.
 #
 # Its image has torch but an older transformers than varlora needs; carry these two wheels (.whl/ is ignored by
 # git). Here, once:

@@ -2,8 +2,8 @@
 
 The model is a randomly initialised Llama (``--shape``: SmolLM2-135M's, the default, or Llama-2-7B's;
 ``--layers`` to shrink it), built on ``--device`` in ``--dtype``, with rank-8 LoRA on q_proj and v_proj and a
-random mean-field posterior; the examples are ARC-Easy validation questions (the shared data folder, else
-made-up 4-way questions, as on a GPU machine), scored with the cloze protocol (shared-prefix KV cache) and a
+random mean-field posterior; the examples are ARC-Easy validation questions (the shared data folder, else the
+demo's packaged ones, as on a GPU machine), scored with the cloze protocol (shared-prefix KV cache) and a
 tokenizer trained in memory. Timed alternately, per repeat:
 
 * ``mean``: one evaluation at the posterior mean (``predict_logits``);

@@ -31,7 +31,7 @@ import time
 import torch
 from _shapes import SHAPES, describe, device_name, random_model, synchronize, tokenizer
 
-from varlora.assets import DEMO_DATA_DIR
+from varlora.assets import find_demo_data
 from varlora.config import RunConfig
 from varlora.cost import PeakMemory
 from varlora.experiment import load_preset
@@ -121,19 +121,16 @@ def main() -> None:
                         help="methods to time; the first is the reference of the ratios")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.shape is not None and args.data_dir is None:
-        args.data_dir = str(DEMO_DATA_DIR)
+    if args.shape is not None and args.data_dir is None:  # no ../shared: $VARLORA_DATA_DIR, else the demo's
+        folder = find_demo_data()
+        args.data_dir = None if folder is None else str(folder)
     if args.memory_of:
         print(json.dumps(peak_memory(args, args.memory_of)))
         return
     timing = time_side_by_side(args)
     memory = {}
     for name in args.methods:
-        command = [sys.executable, __file__, "--memory-of", name, "--model", args.model, "--dtype", args.dtype,
-                   "--device", args.device, "--task", args.task, "--scoring", args.scoring, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), *(["--data-dir", args.data_dir] if args.data_dir else []),
-                   *(["--shape", args.shape] if args.shape else []),
-                   *(["--layers", str(args.layers)] if args.layers else [])]
+        command = [sys.executable, __file__, *sys.argv[1:], "--memory-of", name]  # the same settings
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         memory[name] = json.loads(out.strip().splitlines()[-1])
     model = args.model if args.shape is None else describe(random_model(args.shape, args.layers, args.dtype, "meta"),

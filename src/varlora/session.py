@@ -85,8 +85,10 @@ def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True, ne
     torch.manual_seed(config.train.seed)
     if base_model is None:
         tokenizer = load_tokenizer(config.model.name)
-        base_model = load_base_model(config.model.name, config.model.dtype)
-    model = attach_lora(prepare_base_model(base_model), config.lora, seed=config.train.seed)
+        base_model = load_base_model(config.model.name, config.model.dtype)  # prepared already
+    else:
+        prepare_base_model(base_model)
+    model = attach_lora(base_model, config.lora, seed=config.train.seed)
     model.to(distributed.local_device())
     if distributed.rank() > 0:  # the same LoRA initialisation on every rank, but rank-specific dropout
         torch.manual_seed(config.train.seed * 1_000_003 + distributed.rank())
