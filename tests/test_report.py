@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from varlora import report
 from varlora.experiment import load_preset, run_configs, write_report
 from varlora.posterior import Posterior
+from varlora.run_records import record_run
 
 
 def _peaked(confidence: float, top: int, k: int = 4) -> list[float]:
@@ -172,9 +173,11 @@ def test_tuning_report_states_the_rule_and_its_winner(tmp_path):
     first, second = list(preset.variants)[:2]
     runs = tmp_path / "runs"
     # `first` has the better point prediction, `second` the better sampled predictive: the rule picks `second`
-    _posterior_run(runs, first, 21, nll_mean=0.5, nll_sampled=0.9)
-    _posterior_run(runs, second, 21, nll_mean=0.95, nll_sampled=0.8)
-    write_report(preset, runs, tmp_path / "results", run_configs(preset)[0][3])
+    records = tmp_path / "results" / "runs"
+    for variant, nll_mean, nll_sampled in ((first, 0.5, 0.9), (second, 0.95, 0.8)):
+        folder = _posterior_run(runs, variant, 21, nll_mean=nll_mean, nll_sampled=nll_sampled)
+        record_run(folder, records / "arc_easy" / variant / "seed21")  # σ / |m| is kept, final/ is not
+    write_report(preset, records, tmp_path / "results", run_configs(preset)[0][3])
     text = (tmp_path / "results" / "table.md").read_text()
     assert "lowest held-out NLL of the **sampled predictive** (τ = 1, 10 samples" in text
     assert "held out = 150 *training* questions (`data.holdout`; the validation split is never read)" in text

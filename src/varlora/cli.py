@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--tasks", nargs="+", help="subset of the preset's tasks")
     experiment.add_argument("--seeds", type=int, nargs="+", help="subset of the preset's seeds")
     experiment.add_argument("--variants", nargs="+", help="subset of the preset's variants (e.g. one per process)")
-    experiment.add_argument("--report-only", action="store_true", help="only rebuild tables and plots")
+    experiment.add_argument("--report-only", action="store_true", help="only record the finished runs and rebuild tables and plots")
 
     sub.add_parser("tasks", help="list the registered tasks")
     sub.add_parser("methods", help="list the registered uncertainty methods")

@@ -269,6 +269,18 @@ def _upgrade_legacy(data: dict[str, Any], source: str) -> dict[str, Any]:
     return {**data, "train": train, "method": {"name": name}}
 
 
+def _first_difference(old: dict, new: dict, prefix: str = "") -> str:
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}: saved {a!r}, given {b!r}"
+    return ""
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a run; ``to_dict``/``from_dict`` round-trip through ``config.json``.
@@ -312,6 +324,11 @@ class RunConfig:
         if not cls.uses_tau:
             out["eval"] = {k: v for k, v in out["eval"].items() if k != "taus"}
         return out
+
+    def difference(self, given: RunConfig) -> str:
+        """The first field (in sorted order) whose :meth:`effective` value differs between this (saved) config
+        and ``given``, as ``"section.field: saved X, given Y"``; ``""`` where the two runs would be the same."""
+        return _first_difference(self.effective(), given.effective())
 
     def starts_from(self, map_config: RunConfig) -> bool:
         """Whether ``map_config`` trains exactly the adapter this run's post-hoc method starts from: this config

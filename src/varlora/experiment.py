@@ -15,12 +15,15 @@ A preset (``src/varlora/recipes/experiment_<name>.yaml`` or any YAML file) has::
                                              one point prediction), and the posterior's σ / |m| of each run
 
 Runs go to ``<out>/<task>/<variant>/seed<seed>`` (each an ordinary ``varlora train`` folder, so a rerun
-resumes the one that was killed and skips the finished ones; several processes may run the same command
-side by side and share the runs); the report (``table.md``, ``table.csv``,
-``runs.csv`` and the PNGs) goes to ``<results>``, rewritten after every finished run. Where the runs evaluated
-``eval.ood_tasks``, the report adds their metrics and the OOD-detection table (AUROC, FPR@95); every report has
-the selective-prediction table (AURC) and figure. Seeds are the
-outer loop, so a partial experiment has complete tables for its first seeds.
+resumes the one that was killed; several processes may run the same command side by side and share the runs).
+Each finished run is recorded in ``<results>/runs/`` (:mod:`varlora.run_records`: its summary, curve and saved
+probabilities, without the adapters), and the report (``table.md``, ``table.csv``, ``runs.csv`` and the PNGs)
+is rebuilt from the records in ``<results>`` after every run. A rerun skips every recorded run, so committing
+``<results>`` is enough to continue a study on a machine without the run folders; a post-hoc run whose MAP run
+survives only as a record trains that adapter again first. Where the runs evaluated ``eval.ood_tasks``, the
+report adds their metrics and the OOD-detection table (AUROC, FPR@95); every report has the
+selective-prediction table (AURC) and figure. Seeds are the outer loop, so a partial experiment has complete
+tables for its first seeds.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import contextlib
 import copy
 import csv
 import io
+import json
 import math
 import statistics
 import time
@@ -40,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from varlora import _io, distributed, report
+from varlora import _io, distributed, report, run_records
 from varlora._locking import claim_folder
 from varlora.config import ConfigError, RunConfig
 
@@ -143,13 +147,19 @@ def run_configs(preset: Preset, tasks: Sequence[str] | None = None, seeds: Seque
                                          run[1] in posthoc))
 
 
-def _reuse_source(runs: Sequence[tuple[str, str, int, RunConfig]], task: str, seed: int, config: RunConfig,
-                  out_dir: Path) -> Path | None:
-    """For a post-hoc run, the folder of a run among ``runs`` (all the preset's variants, also those this process
-    does not run) of the same task and seed that trains the adapter it starts from."""
-    for other_task, other_variant, other_seed, other in runs:
-        if (other_task, other_seed) == (task, seed) and config.starts_from(other):
-            return out_dir / task / other_variant / f"seed{seed}"
+Run = tuple[str, str, int, RunConfig]
+
+
+def _folder(root: Path, task: str, variant: str, seed: int) -> Path:
+    return root / task / variant / f"seed{seed}"
+
+
+def _reuse_source(runs: Sequence[Run], task: str, seed: int, config: RunConfig) -> Run | None:
+    """For a post-hoc run, the run among ``runs`` (all the preset's variants, also those this process does not
+    run) of the same task and seed that trains the adapter it starts from."""
+    for other in runs:
+        if (other[0], other[2]) == (task, seed) and config.starts_from(other[3]):
+            return other
     return None
 
 
@@ -161,42 +171,101 @@ def _in_progress_elsewhere(folder: Path) -> bool:
         return not claimed
 
 
+def _run_claimed(config: RunConfig, folder: Path, log: Log, reuse: Path | None = None) -> dict[str, Any] | None:
+    """``train_run`` in ``folder`` if this process gets its claim (all ranks together under torchrun); its
+    summary, or None where another process has it."""
+    from varlora.train import train_run
+
+    main = distributed.is_main()
+    with claim_folder(folder) if main else contextlib.nullcontext(None) as claimed:
+        if not distributed.broadcast_object(claimed):
+            return None
+        return train_run(config, folder, log=log, reuse=reuse)
+
+
+def _record_finished(runs: Sequence[Run], out_dir: Path, records: Path, log: Log) -> None:
+    """Record every finished run folder of ``runs`` that has no record yet (e.g. one finished by an earlier
+    version, or by a process that was killed between its summary and its record)."""
+    for task, variant, seed, _ in runs:
+        folder, record = _folder(out_dir, task, variant, seed), _folder(records, task, variant, seed)
+        if (folder / "summary.json").is_file() and not run_records.is_recorded(record):
+            run_records.record_run(folder, record)
+            log(f"recorded {folder} → {record}")
+
+
+def _rebuild_source(source: Run, out_dir: Path, records: Path, log: Log) -> bool:
+    """Make the finished run folder a post-hoc run starts from, where only its record survives (the run folders
+    are not committed): train it again in its folder (deterministic on one machine; the metrics are compared
+    with the record's). False where another process is at it."""
+    task, variant, seed, config = source
+    folder = _folder(out_dir, task, variant, seed)
+    log(f"{task} {variant} seed {seed}: recorded, but its adapter is not in {folder}: training it again")
+    summary = _run_claimed(config, folder, log)
+    if summary is None:
+        return False
+    recorded = json.loads((_folder(records, task, variant, seed) / "summary.json").read_text())["results"]
+    if summary["results"] != recorded:
+        log(f"warning: the rebuilt {folder} does not reproduce its record's metrics exactly (another CPU's "
+            "arithmetic?); the post-hoc runs start from the rebuilt adapter")
+    return True
+
+
 def run_experiment(preset_name: str, out: str | None = None, results: str | None = None,
                    tasks: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                    report_only: bool = False, overrides: dict[str, Any] | None = None,
                    variants: Sequence[str] | None = None, log: Log = print) -> Path:
-    """Run (or resume) every run of the preset, rewriting the report after each; return the report folder.
+    """Run (or resume) every run of the preset that has no record, recording each and rewriting the report
+    after it; return the report folder.
 
-    Under ``torchrun`` all ranks run each run together: rank 0 claims the folder and writes the report."""
-    from varlora.train import train_run
-
+    Under ``torchrun`` all ranks run each run together: rank 0 claims the folder and writes the records and the
+    report."""
     main = distributed.is_main()
     log = distributed.main_only(log)
     preset = load_preset(preset_name)
     out_dir = Path(out or f"runs/experiment-{preset.name}")
     results_dir = Path(results or f"results/experiment-{preset.name}")
+    records = results_dir / run_records.RECORDS_FOLDER
     runs = run_configs(preset, tasks, seeds, overrides, variants)
     every_variant = run_configs(preset, tasks, seeds, overrides)  # post-hoc runs reuse MAP runs of any variant
+    if main:
+        _record_finished(every_variant, out_dir, records, log)
     if not report_only:
         for index, (task, variant, seed, config) in enumerate(runs, start=1):
-            folder = out_dir / task / variant / f"seed{seed}"
-            source = _reuse_source(every_variant, task, seed, config, out_dir)
-            if source is not None and main and _in_progress_elsewhere(source):
-                log(f"[{index}/{len(runs)}] {task} {variant} seed {seed}: waiting for {source} (another process "
-                    "trains it), skipping; rerun to continue")
-                continue
-            with claim_folder(folder) if main else contextlib.nullcontext(None) as claimed:
-                if not distributed.broadcast_object(claimed):
-                    log(f"[{index}/{len(runs)}] {task} {variant} seed {seed}: another process has it, skipping")
-                    continue
-                log(f"[{index}/{len(runs)}] {task} {variant} seed {seed} → {folder}")
-                started = time.perf_counter()
-                train_run(config, folder, log=log, reuse=source)
-                log(f"[{index}/{len(runs)}] done in {time.perf_counter() - started:.0f} s")
+            where = f"[{index}/{len(runs)}] {task} {variant} seed {seed}"
+            folder, record = _folder(out_dir, task, variant, seed), _folder(records, task, variant, seed)
+            refused = None
             if main:
-                write_report(preset, out_dir, results_dir, runs[0][3])
+                try:
+                    run_records.check_config(record, config)
+                except ConfigError as err:
+                    refused = str(err)
+            refused = distributed.broadcast_object(refused)
+            if refused is not None:
+                raise ConfigError(refused)
+            if distributed.broadcast_object(run_records.is_recorded(record)):
+                continue
+            source = _reuse_source(every_variant, task, seed, config)
+            source_folder = None if source is None else _folder(out_dir, source[0], source[1], seed)
+            if source is not None:
+                waiting = main and _in_progress_elsewhere(source_folder)
+                lost = (main and not waiting and not (source_folder / "summary.json").is_file()
+                        and run_records.is_recorded(_folder(records, source[0], source[1], seed)))
+                waiting, lost = distributed.broadcast_object((waiting, lost))
+                if waiting or (lost and not _rebuild_source(source, out_dir, records, log)):
+                    log(f"{where}: waiting for {source_folder} (another process trains it), skipping; rerun to "
+                        "continue")
+                    continue
+            log(f"{where} → {folder}")
+            started = time.perf_counter()
+            if _run_claimed(config, folder, log, reuse=source_folder) is None:
+                log(f"{where}: another process has it, skipping")
+                continue
+            log(f"{where}: done in {time.perf_counter() - started:.0f} s")
+            if main:
+                run_records.record_run(folder, record)
+                write_report(preset, records, results_dir, runs[0][3])
     if main:
-        write_report(preset, out_dir, results_dir, runs[0][3])
+        write_report(preset, records, results_dir, runs[0][3])
     log(f"report: {results_dir / 'table.md'}")
     return results_dir
 
@@ -211,10 +280,11 @@ def _ordered_labels(results: Sequence[report.RunResult], preset: Preset) -> list
     return labels
 
 
-def write_report(preset: Preset, out_dir: Path, results_dir: Path, sample: RunConfig) -> None:
-    """``table.md`` (per-task tables, the average and the mean rank, mean ± s.e. over seeds; the cost table),
-    ``table.csv``, ``runs.csv`` and the figures."""
-    found = [r for r in report.find_runs(out_dir) if r.folder.parent.parent.name in preset.tasks
+def write_report(preset: Preset, records: Path, results_dir: Path, sample: RunConfig) -> None:
+    """From the run records under ``records`` (:mod:`varlora.run_records`): ``table.md`` (per-task tables, the
+    average and the mean rank, mean ± s.e. over seeds; the cost table), ``table.csv``, ``runs.csv`` and the
+    figures."""
+    found = [r for r in report.find_runs(records) if r.folder.parent.parent.name in preset.tasks
              and r.folder.parent.name in preset.variants]
     if not found:
         return
@@ -307,7 +377,7 @@ def _selection_section(preset: Preset, results: Sequence[report.RunResult], tabl
             continue
         label = judged[variant].label
         cells = table.get(label, {}).get(column, {})
-        scales = [s for s in (report.posterior_scale(r.folder, r.method) for r in results
+        scales = [s for s in (run_records.recorded_posterior_scale(r.folder) for r in results
                               if r.variant == variant and r.label == label and r.eval_task == r.train_task)
                   if s is not None]
         scale = ["–"] * 3 if not scales else [f"{statistics.fmean(s[k] for s in scales):.3g}"

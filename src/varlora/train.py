@@ -128,25 +128,12 @@ def _prepare_run_dir(config: RunConfig, paths: RunPaths) -> None:
     """Write config.json for a new run; refuse to continue a run made with a different config (sections of
     methods the run does not use aside, so that e.g. a changed IVON default does not orphan AdamW runs)."""
     if paths.config.exists():
-        saved = RunConfig.load(paths.config)
-        if saved.effective() != config.effective():
-            diff = _config_diff(saved.effective(), config.effective())
+        diff = RunConfig.load(paths.config).difference(config)
+        if diff:
             raise ConfigError(f"{paths.root} holds a run with another config ({diff}); "
                               "use a new run folder or the same options")
         return
     _io.write_json(paths.config, config.to_dict())
-
-
-def _config_diff(old: dict, new: dict, prefix: str = "") -> str:
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = _config_diff(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{prefix}{key}: saved {a!r}, given {b!r}"
-    return ""
 
 
 def _reusable(config: RunConfig, source: Path) -> dict[str, Any] | None:
