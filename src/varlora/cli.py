@@ -153,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--tasks", nargs="+", help="subset of the preset's tasks")
     experiment.add_argument("--seeds", type=int, nargs="+", help="subset of the preset's seeds")
     experiment.add_argument("--variants", nargs="+", help="subset of the preset's variants (e.g. one per process)")
-    experiment.add_argument("--report-only", action="store_true", help="only record the finished runs and rebuild tables and plots")
+    experiment.add_argument("--report-only", action="store_true",
+                            help="only record the finished runs and rebuild tables and plots")
+    experiment.add_argument("--status", action="store_true",
+                            help="only print which runs are recorded, running or pending, and the hours left")
 
     sub.add_parser("tasks", help="list the registered tasks")
     sub.add_parser("methods", help="list the registered uncertainty methods")
@@ -216,7 +219,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def _cmd_experiment(args: argparse.Namespace) -> None:
     from varlora.experiment import run_experiment
+    from varlora.study_status import study_status
 
+    if args.status:
+        print(study_status(args.preset, out=args.out, results=args.results, tasks=args.tasks, seeds=args.seeds,
+                           variants=args.variants))
+        return
     run_experiment(args.preset, out=args.out, results=args.results, tasks=args.tasks, seeds=args.seeds,
                    report_only=args.report_only, variants=args.variants)
 
