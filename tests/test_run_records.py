@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +85,16 @@ def test_only_a_finished_run_is_recorded(tmp_path):
     with pytest.raises(ValueError, match="not a finished run"):
         run_records.record_run(tmp_path / "run", tmp_path / "record")
     assert not (tmp_path / "record").exists()
+
+
+def test_git_keeps_the_records_and_ignores_the_run_folders():
+    """The records exist to be committed: an ignore rule for ``runs/`` must not reach ``results/*/runs/``."""
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0
+
+    assert not ignored("results/experiment-cpu/runs/arc_easy/adamw/seed21/summary.json")
+    assert ignored("runs/experiment-cpu/arc_easy/adamw/seed21/checkpoint.pt")
