@@ -29,8 +29,9 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["LaunchEnv", "active", "all_gather_objects", "average_gradients", "barrier", "broadcast_object", "init",
-           "is_main", "launch_env", "local_device", "main_only", "mean_over_ranks", "rank", "world_size"]
+__all__ = ["LaunchEnv", "active", "all_gather_objects", "average_gradients", "barrier", "broadcast_object",
+           "check_on_main", "init", "is_main", "launch_env", "local_device", "main_only", "mean_over_ranks", "rank",
+           "world_size"]
 
 T = TypeVar("T")
 
@@ -133,6 +134,20 @@ def broadcast_object(value: T) -> T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def check_on_main(error: type[Exception], check: Callable[..., None], *args: Any) -> None:
+    """Run ``check(*args)`` on rank 0 only (it reads or writes files); an ``error`` it raises is raised on every
+    rank, with its message, so that no rank goes on to wait for the others at the next collective."""
+    message = None
+    if is_main():
+        try:
+            check(*args)
+        except error as err:
+            message = str(err)
+    message = broadcast_object(message)
+    if message is not None:
+        raise error(message)
 
 
 def all_gather_objects(value: Any) -> list[Any]:

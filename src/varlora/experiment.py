@@ -48,7 +48,8 @@ from varlora import _io, distributed, report, run_records
 from varlora._locking import claim_folder
 from varlora.config import ConfigError, RunConfig
 
-__all__ = ["Preset", "load_preset", "run_configs", "run_experiment", "write_report"]
+__all__ = ["Preset", "load_preset", "run_configs", "run_experiment", "write_report", "run_folder",
+           "in_progress_elsewhere"]
 
 Log = Callable[[str], None]
 METRICS_SHOWN = ("acc", "ece", "nll", "brier")
@@ -150,7 +151,8 @@ def run_configs(preset: Preset, tasks: Sequence[str] | None = None, seeds: Seque
 Run = tuple[str, str, int, RunConfig]
 
 
-def _folder(root: Path, task: str, variant: str, seed: int) -> Path:
+def run_folder(root: Path, task: str, variant: str, seed: int) -> Path:
+    """Where a run of the experiment lives under ``root``: its run folder (``--out``) or its record."""
     return root / task / variant / f"seed{seed}"
 
 
@@ -163,7 +165,7 @@ def _reuse_source(runs: Sequence[Run], task: str, seed: int, config: RunConfig) 
     return None
 
 
-def _in_progress_elsewhere(folder: Path) -> bool:
+def in_progress_elsewhere(folder: Path) -> bool:
     """Whether another process holds the claim on run ``folder`` and it has not finished."""
     if (folder / "summary.json").exists() or not folder.exists():
         return False
@@ -187,7 +189,7 @@ def _record_finished(runs: Sequence[Run], out_dir: Path, records: Path, log: Log
     """Record every finished run folder of ``runs`` that has no record yet (e.g. one finished by an earlier
     version, or by a process that was killed between its summary and its record)."""
     for task, variant, seed, _ in runs:
-        folder, record = _folder(out_dir, task, variant, seed), _folder(records, task, variant, seed)
+        folder, record = run_folder(out_dir, task, variant, seed), run_folder(records, task, variant, seed)
         if (folder / "summary.json").is_file() and not run_records.is_recorded(record):
             run_records.record_run(folder, record)
             log(f"recorded {folder} → {record}")
@@ -198,12 +200,12 @@ def _rebuild_source(source: Run, out_dir: Path, records: Path, log: Log) -> bool
     are not committed): train it again in its folder (deterministic on one machine; the metrics are compared
     with the record's). False where another process is at it."""
     task, variant, seed, config = source
-    folder = _folder(out_dir, task, variant, seed)
+    folder = run_folder(out_dir, task, variant, seed)
     log(f"{task} {variant} seed {seed}: recorded, but its adapter is not in {folder}: training it again")
     summary = _run_claimed(config, folder, log)
     if summary is None:
         return False
-    recorded = json.loads((_folder(records, task, variant, seed) / "summary.json").read_text())["results"]
+    recorded = json.loads((run_folder(records, task, variant, seed) / "summary.json").read_text())["results"]
     if summary["results"] != recorded:
         log(f"warning: the rebuilt {folder} does not reproduce its record's metrics exactly (another CPU's "
             "arithmetic?); the post-hoc runs start from the rebuilt adapter")
@@ -232,24 +234,16 @@ def run_experiment(preset_name: str, out: str | None = None, results: str | None
     if not report_only:
         for index, (task, variant, seed, config) in enumerate(runs, start=1):
             where = f"[{index}/{len(runs)}] {task} {variant} seed {seed}"
-            folder, record = _folder(out_dir, task, variant, seed), _folder(records, task, variant, seed)
-            refused = None
-            if main:
-                try:
-                    run_records.check_config(record, config)
-                except ConfigError as err:
-                    refused = str(err)
-            refused = distributed.broadcast_object(refused)
-            if refused is not None:
-                raise ConfigError(refused)
+            folder, record = run_folder(out_dir, task, variant, seed), run_folder(records, task, variant, seed)
+            distributed.check_on_main(ConfigError, run_records.check_config, record, config)
             if distributed.broadcast_object(run_records.is_recorded(record)):
                 continue
             source = _reuse_source(every_variant, task, seed, config)
-            source_folder = None if source is None else _folder(out_dir, source[0], source[1], seed)
+            source_folder = None if source is None else run_folder(out_dir, source[0], source[1], seed)
             if source is not None:
-                waiting = main and _in_progress_elsewhere(source_folder)
+                waiting = main and in_progress_elsewhere(source_folder)
                 lost = (main and not waiting and not (source_folder / "summary.json").is_file()
-                        and run_records.is_recorded(_folder(records, source[0], source[1], seed)))
+                        and run_records.is_recorded(run_folder(records, source[0], source[1], seed)))
                 waiting, lost = distributed.broadcast_object((waiting, lost))
                 if waiting or (lost and not _rebuild_source(source, out_dir, records, log)):
                     log(f"{where}: waiting for {source_folder} (another process trains it), skipping; rerun to "

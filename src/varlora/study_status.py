@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from varlora import run_records
-from varlora.experiment import _folder, _in_progress_elsewhere, load_preset, run_configs
+from varlora.experiment import in_progress_elsewhere, load_preset, run_configs, run_folder
 
 __all__ = ["study_status", "run_seconds"]
 
@@ -37,7 +37,7 @@ def _state(folder: Path, record: Path) -> str:
         return "recorded"
     if (folder / "summary.json").is_file():
         return "finished"
-    if _in_progress_elsewhere(folder):
+    if in_progress_elsewhere(folder):
         return "running"
     if (folder / "checkpoint.pt").is_file() or (folder / "final").is_dir():
         return "started"
@@ -55,8 +55,8 @@ def study_status(preset_name: str, out: str | None = None, results: str | None =
     runs = run_configs(preset, tasks, seeds, variants=variants)
     states, spent = {}, {}
     for task, variant, seed, _ in runs:
-        record = _folder(records, task, variant, seed)
-        folder = _folder(out_dir, task, variant, seed)
+        record = run_folder(records, task, variant, seed)
+        folder = run_folder(out_dir, task, variant, seed)
         state = states[(task, variant, seed)] = _state(folder, record)
         if state in ("recorded", "finished"):
             summary = (record if state == "recorded" else folder) / "summary.json"

@@ -280,15 +280,7 @@ def train_run(config: RunConfig, run_dir: str | Path, log: Log = print, reuse: s
     """
     paths = RunPaths(Path(run_dir))
     log = distributed.main_only(log)
-    refused = None
-    if distributed.is_main():
-        try:
-            _prepare_run_dir(config, paths)
-        except ConfigError as err:
-            refused = str(err)
-    refused = distributed.broadcast_object(refused)
-    if refused is not None:
-        raise ConfigError(refused)
+    distributed.check_on_main(ConfigError, _prepare_run_dir, config, paths)
     summary_path = paths.root / "summary.json"
     if distributed.broadcast_object(summary_path.exists()):
         log(f"{paths.root} is complete; reading its results")
