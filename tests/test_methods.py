@@ -248,3 +248,12 @@ def test_no_module_outside_methods_names_a_method():
         if found:
             offenders[str(rel)] = sorted(found)
     assert not offenders
+
+
+def test_every_method_has_its_own_plot_colour():
+    """Plots draw each method in the colour its class names; two methods sharing one would be indistinguishable
+    in the reliability, selective-prediction and accuracy-vs-time figures."""
+    colours = {}
+    for name, cls in METHODS.items():
+        colours.setdefault(cls.color, []).append(name)
+    assert {colour: names for colour, names in colours.items() if len(names) > 1} == {}

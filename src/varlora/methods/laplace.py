@@ -92,7 +92,7 @@ class Laplace(AdamW):
 
     name = "laplace"
     label = "laplace"
-    color = "C4"
+    color = "C6"
     args_class = LaplaceArgs
     sections = ("adamw",)
     posthoc_of = "adamw"
