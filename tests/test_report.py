@@ -227,3 +227,14 @@ def test_a_bad_selection_is_refused(tmp_path):
                     "selection: {metric: speed}\n")
     with pytest.raises(ConfigError, match="selection must be"):
         load_preset(str(path))
+
+
+def test_accuracy_coverage_panels_follow_the_given_task_order(tmp_path, monkeypatch):
+    for task in ("obqa", "arc_easy"):
+        _fake_run(tmp_path / "runs", task, "adamw", 1, {task: {"adamw": (ID, None, M, None, 1)}})
+    drawn = []
+    monkeypatch.setattr(report.plots, "accuracy_coverage", lambda panels, path, **kw: drawn.append(list(panels)))
+    found = report.find_runs(tmp_path / "runs")
+    report.write_figures(found, tmp_path / "out", task_order=["winogrande_s", "obqa", "arc_easy"])
+    report.write_figures(found, tmp_path / "out")
+    assert drawn == [["obqa", "arc_easy"], ["arc_easy", "obqa"]]

@@ -331,7 +331,7 @@ def write_report(preset: Preset, records: Path, results_dir: Path, sample: RunCo
     _io.write_text(results_dir / "table.md", "\n".join(header) + "\n" + "\n".join(sections) + "\n")
     _io.write_text(results_dir / "table.csv", report.csv_table(table))
     _io.write_text(results_dir / "runs.csv", _runs_csv(labelled))
-    report.write_figures(labelled, results_dir, n_bins=sample.eval.n_bins, order=methods)
+    report.write_figures(labelled, results_dir, n_bins=sample.eval.n_bins, order=methods, task_order=tasks)
 
 
 def _selection_section(preset: Preset, results: Sequence[report.RunResult], table: dict, tasks: Sequence[str],

@@ -188,9 +188,10 @@ def default_rows(results: Sequence[RunResult]) -> list[RunResult]:
 
 
 def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 10,
-                  order: Sequence[str] | None = None) -> list[Path]:
+                  order: Sequence[str] | None = None, task_order: Sequence[str] | None = None) -> list[Path]:
     """The PNGs: reliability diagrams (pooled over tasks and seeds, one panel per row label), accuracy–coverage
-    curves (one panel per task, pooled over seeds), the τ trade-off and accuracy vs training time."""
+    curves (one panel per task, pooled over seeds), the τ trade-off and accuracy vs training time. ``order``
+    orders the row labels and ``task_order`` the accuracy–coverage panels (default: sorted)."""
     out = Path(out)
     written = []
     in_domain = [r for r in results if r.eval_task == r.train_task]
@@ -209,7 +210,8 @@ def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 1
                                                   title="pooled over tasks and seeds (top-label confidence)"))
         styles = _row_styles([r for r in default_rows(in_domain)])
         panels: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        for task in sorted({task for task, _ in per_task}):
+        present = {task for task, _ in per_task}
+        for task in [t for t in (task_order or sorted(present)) if t in present]:
             panels[task] = {}
             for label in labels:
                 if (task, label) in per_task:
