@@ -187,6 +187,12 @@ def default_rows(results: Sequence[RunResult]) -> list[RunResult]:
     return [r for r in results if r.tau is None or r.tau in (0.0, 1.0)]
 
 
+def _in_order(keys: Iterable[str], order: Sequence[str] | None) -> list[str]:
+    """``keys`` in the order ``order`` gives them (those it omits are left out), or sorted without one."""
+    keys = set(keys)
+    return [k for k in (order or sorted(keys)) if k in keys]
+
+
 def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 10,
                   order: Sequence[str] | None = None, task_order: Sequence[str] | None = None) -> list[Path]:
     """The PNGs: reliability diagrams (pooled over tasks and seeds, one panel per row label), accuracy–coverage
@@ -204,14 +210,13 @@ def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 1
             store[key][0].append(confidence)
             store[key][1].append(correct)
     if pooled:
-        labels = [m for m in (order or sorted(pooled)) if m in pooled]
+        labels = _in_order(pooled, order)
         data = {m: (torch.cat(pooled[m][0]), torch.cat(pooled[m][1])) for m in labels}
         written.append(plots.reliability_diagrams(data, out / "reliability.png", n_bins=n_bins,
                                                   title="pooled over tasks and seeds (top-label confidence)"))
         styles = _row_styles([r for r in default_rows(in_domain)])
         panels: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        present = {task for task, _ in per_task}
-        for task in [t for t in (task_order or sorted(present)) if t in present]:
+        for task in _in_order({task for task, _ in per_task}, task_order):
             panels[task] = {}
             for label in labels:
                 if (task, label) in per_task:
