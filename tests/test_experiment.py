@@ -153,7 +153,7 @@ def test_write_report_labels_tuning_variants(tmp_path):
     assert f"| {variant} ivon@mean | 40.0 |" in text and "Scoring protocol: **cloze**" in text
     assert "| adamw-lr1e-3 adamw | 30.0 |" in text and f"{task} 20" in text  # evaluation size stated
     # the cost table: IVON's training time as a multiple of the MAP run's, on the same task and seed
-    assert f"| {variant} ivon | 10 | 2.00 | 0.0 | 2.0 | 1 | 1024 | 512 | 0.00 | 1.00 |" in text
+    assert f"| {variant} ivon | 10 | 2.00 | 0.0 | 2.00 | 2.0 | 1 | 1024 | 512 | 0.00 | 1.00 |" in text
     assert "rank ACC %" in text and (tmp_path / "results" / "reliability.png").exists()
 
 
@@ -162,7 +162,18 @@ def test_rank_table_orders_and_shares_ties():
     table = {"a": {"t1": cell | {"acc": (60.0, 0, 1)}, "t2": cell | {"acc": (50.0, 0, 1)}},
              "b": {"t1": cell | {"acc": (70.0, 0, 1)}, "t2": cell | {"acc": (50.0, 0, 1)}}}
     text = report.rank_table(table, ["t1", "t2"], ("acc", "ece"))
-    assert "| a | 1.75 | 1.50 | 2 |" in text and "| b | 1.25 | 1.50 | 2 |" in text
+    assert "| a | 1.75 | 1.50 |" in text and "| b | 1.25 | 1.50 |" in text
+
+
+def test_rank_table_ranks_only_the_tasks_every_row_has():
+    """A rank among fewer rows is not comparable: c's missing t2 removes t2 for a and b too."""
+    cell = {"acc": (0, 0, 1)}
+    table = {"a": {"t1": {"acc": (60.0, 0, 1)}, "t2": {"acc": (10.0, 0, 1)}},
+             "b": {"t1": {"acc": (70.0, 0, 1)}, "t2": {"acc": (90.0, 0, 1)}},
+             "c": {"t1": cell}}
+    text = report.rank_table(table, ["t1", "t2"], ("acc",))
+    assert "Tasks ranked: t1 (" in text
+    assert "| b | 1.00 |" in text and "| a | 2.00 |" in text and "| c | 3.00 |" in text
 
 
 
@@ -207,7 +218,7 @@ def test_best_within_budget_leaves_out_rows_over_budget_and_ranks_each_metric():
              "unmeasured": {"t1": cell | {"acc": (99.0, 0, 1)}}}
     ratios = {"map": 1.0, "cheap": 1.1, "costly": 3.0}
     text = report.best_within_budget(table, ratios, ["t1", "t2"], budget=1.1, metrics=("acc", "nll"))
-    assert "over budget: costly (3.00×)" in text
+    assert "over budget: costly (3.00×)" in text and "the cost table's × MAP training column" in text
     assert "| ACC % | cheap 60.0 · map 50.0 | cheap 50.0 · map 50.0 | – |" in text  # ties: by label
     assert "| NLL | cheap 0.900 · map 1.000 | map 1.000 · cheap 1.200 | – |" in text
 
@@ -222,3 +233,15 @@ def test_training_cost_ratios_divide_by_the_map_run_of_the_same_task_and_seed(tm
                result("ivon", "ivon", "b", 1, 50.0)]  # no MAP run on task b: not counted
     ratios = report.training_cost_ratios(results)
     assert ratios == pytest.approx({"adamw": 1.0, "ivon": (1.1 + 0.9) / 2})
+
+
+def test_a_posthoc_method_trains_at_the_map_cost_and_its_fit_counts_only_with_fit(tmp_path):
+    """Laplace's record timed a retraining of the MAP adapter (80 s on another machine): still 1× MAP."""
+    def result(label, seconds, fit):
+        return report.RunResult(tmp_path, "a", "a", label, 1, seconds, {}, method=label,
+                                cost={"train_seconds": seconds, "fit_seconds": fit})
+
+    results = [result("adamw", 100.0, 0.0), result("laplace", 80.0, 50.0), result("ivon", 105.0, 0.01)]
+    assert report.training_cost_ratios(results) == pytest.approx({"adamw": 1.0, "laplace": 1.0, "ivon": 1.05})
+    assert report.training_cost_ratios(results, with_fit=True) == pytest.approx(
+        {"adamw": 1.0, "laplace": 1.5, "ivon": 1.0501})
