@@ -174,6 +174,8 @@ def test_rank_table_ranks_only_the_tasks_every_row_has():
     text = report.rank_table(table, ["t1", "t2"], ("acc",))
     assert "Tasks ranked: t1 (" in text
     assert "| b | 1.00 |" in text and "| a | 2.00 |" in text and "| c | 3.00 |" in text
+    without_c = report.rank_table(table, ["t1", "t2"], ("acc",), rows=["a", "b"])
+    assert "Tasks ranked: t1, t2 (" in without_c and "| a | 2.00 |" in without_c and "| c |" not in without_c
 
 
 

@@ -295,12 +295,15 @@ def _tau_curves(results: Sequence[RunResult]) -> tuple[dict[str, list[dict]], di
     return curves, baselines, used
 
 
-def rank_table(table: dict, tasks: Sequence[str], metrics: Sequence[str] = ("acc", "ece", "nll")) -> str:
-    """Mean rank of each row across those of ``tasks`` that every row has (ties share the mean rank), one column
-    per metric: accuracy ranks high-to-low, ECE/NLL/Brier low-to-high. A task some row lacks is left out for
-    all rows, since a rank among fewer rows is not comparable (an unfinished study ranks its finished tasks)."""
+def rank_table(table: dict, tasks: Sequence[str], metrics: Sequence[str] = ("acc", "ece", "nll"),
+               rows: Sequence[str] | None = None) -> str:
+    """Mean rank of each of ``rows`` (default: every row of ``table``) across those of ``tasks`` that all of
+    them have (ties share the mean rank), one column per metric: accuracy ranks high-to-low, ECE/NLL/Brier
+    low-to-high. A task some ranked row lacks is left out for all of them, since a rank among fewer rows is not
+    comparable (an unfinished study ranks its finished tasks)."""
+    table = {label: table[label] for label in (table if rows is None else rows)}
     shared = [t for t in tasks if all(t in cells for cells in table.values())]
-    lines = [f"Tasks ranked: {', '.join(shared) or 'none'} (those every row has).", "",
+    lines = [f"Tasks ranked: {', '.join(shared) or 'none'} (those every ranked row has).", "",
              "| method | " + " | ".join(f"rank {_LABELS[m]}" for m in metrics) + " |",
              "|---|" + "---|" * len(metrics)]
     ranks: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
