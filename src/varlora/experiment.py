@@ -297,11 +297,11 @@ def write_report(preset: Preset, records: Path, results_dir: Path, sample: RunCo
         f"IVON@mean = τ 0. Evaluation examples per task: "
         + ", ".join(f"{t} {n}" for t, n in n_eval) + ".", "",
     ]
-    extra_tau = {r.label for r in labelled if r.tau not in (None, 0.0, 1.0)}
+    ranked = {r.label for r in report.default_rows(labelled)}  # not the τ figure's extra τ values
     sections = ["## Per task and average", "", report.markdown_table(table, tasks, metrics=METRICS_SHOWN),
                 "## Mean rank across tasks (1 = best; ACC higher is better, the others lower)", "",
-                "Rows of extra τ values (the τ figure's, on one task) are not ranked." if extra_tau else "",
-                report.rank_table(table, tasks, METRICS_SHOWN, [label for label in table if label not in extra_tau]),
+                "Rows of extra τ values (the τ figure's, on one task) are not ranked." if ranked < set(table) else "",
+                report.rank_table(table, tasks, METRICS_SHOWN, [label for label in table if label in ranked]),
                 "## Cost (means over tasks and seeds)", "", report.cost_table(labelled, methods),
                 f"## Best at ≤ {CLAIM_BUDGET:g}× MAP's training cost", "",
                 report.best_within_budget(table, report.training_cost_ratios(labelled), tasks, CLAIM_BUDGET),

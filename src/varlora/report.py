@@ -346,9 +346,9 @@ def training_cost_ratios(results: Sequence[RunResult], with_fit: bool = False) -
 def cost_table(results: Sequence[RunResult], labels: Sequence[str]) -> str:
     """Per row label, means over its in-distribution runs: training seconds (and their ratio to the MAP
     method's on the same tasks and seeds), post-hoc fit seconds (and training + fit as a ratio to MAP's
-    training), evaluation seconds of the whole row's run,
-    LM forward passes per example, peak memory while training and while evaluating, and the bytes of extra
-    parameters and optimizer state beyond one LoRA adapter."""
+    training), evaluation seconds of the whole row's run, LM forward passes per example, peak memory while
+    training and while evaluating, and the bytes of extra parameters and optimizer state beyond one LoRA
+    adapter."""
     in_domain = [r for r in results if r.eval_task == r.train_task]
     ratios, with_fit = training_cost_ratios(in_domain), training_cost_ratios(in_domain, with_fit=True)
     lines = ["| method | training s | × MAP training | post-hoc fit s | × MAP training + fit | evaluation s "
