@@ -117,6 +117,22 @@ def test_write_report_has_the_ood_and_selective_tables(tmp_path):
         assert (tmp_path / "results" / png).stat().st_size > 0
 
 
+def test_ood_tables_leave_out_extra_tau_rows_that_were_not_evaluated_there(tmp_path):
+    preset = load_preset("cpu")
+    runs = tmp_path / "runs"
+    _runs(runs, seeds=(1,))
+    # the τ figure's extra row, on the training task only (as the cpu preset does on arc_easy)
+    _fake_run(runs, "arc_easy", "ivon", 1, {"arc_easy": {
+        "ivon@mean": (ID, None, M, 0.0, 1), "ivon[tau=0.5]": (ID.clone(), None, M, 0.5, 1),
+        "ivon": (ID.clone(), None, M, 1.0, 1)}})
+    write_report(preset, runs, tmp_path / "results", run_configs(preset)[0][3])
+    text = (tmp_path / "results" / "table.md").read_text()
+    assert any(line.startswith("| ivon[tau=0.5] |") for line in _block(text, "| ACC % | winogrande_s |"))
+    for header in ("| ACC % | arc_easy |", "| AUROC % (max prob) | arc_easy |"):
+        labels = [line.split("|")[1].strip() for line in _block(text, header)[2:]]
+        assert "ivon[tau=0.5]" not in labels and labels == ["adamw", "ivon@mean", "ivon"]
+
+
 def test_in_distribution_report_has_aurc_but_no_ood_tables(tmp_path):
     preset = load_preset("cpu")
     _fake_run(tmp_path / "runs", "obqa", "adamw", 1, {"obqa": {"adamw": (ID, None, M, None, 1)}})

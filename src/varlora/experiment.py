@@ -314,7 +314,9 @@ def write_report(preset: Preset, records: Path, results_dir: Path, sample: RunCo
     if ood:
         ood_tasks = sorted({r.eval_task for r in ood})
         trained_on = ", ".join(sorted({r.train_task for r in ood}))
-        ood_table = report.aggregate([replace(r, train_task=r.eval_task) for r in ood], methods, ood_tasks)
+        # extra τ rows appear only where they were evaluated out of distribution, not as rows of dashes
+        ood_methods = [m for m in methods if m in ranked or m in {r.label for r in ood}]
+        ood_table = report.aggregate([replace(r, train_task=r.eval_task) for r in ood], ood_methods, ood_tasks)
         detection = report.ood_detection(ood, probs)
         sections += [f"## Out of distribution (trained on {trained_on}, evaluated unchanged)", "",
                      report.markdown_table(ood_table, ood_tasks),
@@ -323,7 +325,7 @@ def write_report(preset: Preset, records: Path, results_dir: Path, sample: RunCo
                      "negative predictive entropy, negative mutual information of the samples: rows that sample "
                      "only); AUROC (50 = chance, higher is better) and FPR@95 = the share of OOD examples accepted "
                      "at the threshold that keeps 95% of the in-distribution ones (lower is better), in %.", "",
-                     report.markdown_table(report.aggregate(detection, methods, ood_tasks,
+                     report.markdown_table(report.aggregate(detection, ood_methods, ood_tasks,
                                                             report.ood_metrics(detection)),
                                            ood_tasks, report.ood_metrics(detection))]
     selective = report.selective_prediction(in_domain, probs)
