@@ -24,8 +24,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_assets
+from conftest import build_assets, write_colour_data
 from varlora.cli import main
+from varlora.run_paths import task_file_stem
 
 STEPS, SAVE_EVERY = 12, 4
 
@@ -68,7 +69,9 @@ _io.atomic_path, _io.atomic_dir = atomic_path, atomic_dir
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    return build_assets(tmp_path_factory.mktemp("assets"))
+    """The tiny model and task, and a second validation set that every run also evaluates (out of distribution)."""
+    folder = tmp_path_factory.mktemp("assets")
+    return build_assets(folder) | {"ood": f"jsonl:validation={write_colour_data(folder, 12, seed=3)}"}
 
 
 def _command(assets, run: Path, *extra: str) -> list[str]:
@@ -76,7 +79,7 @@ def _command(assets, run: Path, *extra: str) -> list[str]:
             "--data.task", assets["task"], "--data.max_length", "64", "--lora.r", "4", "--method.name", "ivon",
             "--train.steps", str(STEPS), "--train.save_every", str(SAVE_EVERY), "--train.eval_every", "0",
             "--ivon.lr", "0.1", "--ivon.ess", "1e4", "--ivon.hess_init", "0.1", "--ivon.clip_radius", "1.0",
-            "--ivon.beta2", "0.99", "--eval.n_samples", "2", *extra]
+            "--ivon.beta2", "0.99", "--eval.n_samples", "2", "--eval.ood_tasks", assets["ood"], *extra]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -179,6 +182,47 @@ def test_killed_during_final_save_or_evaluation_resumes_exactly(assets, clean, t
     again = _train(assets, run)
     assert again.returncode == 0, again.stderr
     assert expect.format(run=run) in again.stdout
+    _assert_same_final(clean, run)
+
+
+def _reads_saved(stdout: str, run: Path, task: str) -> bool:
+    return f"{run / 'eval' / task_file_stem(task)}.json was evaluated before the restart; reading it" in stdout
+
+
+def test_a_resumed_run_reads_the_evaluations_that_finished_before_the_kill(assets, clean, tmp_path):
+    """Killed while saving the second task's probabilities: the rerun reads the first task's evaluation (its
+    fingerprint matches final/ and the config), evaluates the second again, and ends exactly like the clean run."""
+    run = tmp_path / "run"
+    _kill_at(assets, run, tmp_path, "probs.safetensors", nth=2)
+    again = _train(assets, run)
+    assert again.returncode == 0, again.stderr
+    assert _reads_saved(again.stdout, run, assets["task"]) and not _reads_saved(again.stdout, run, assets["ood"])
+    _assert_same_final(clean, run)
+    saved = json.loads((run / "eval" / f"{task_file_stem(assets['task'])}.json").read_text())
+    cost = json.loads((run / "summary.json").read_text())["cost"]
+    assert cost["peak_eval_bytes"] >= saved["peak_eval_bytes"] > 0
+    assert cost["eval_seconds"][assets["task"]] == saved["eval_seconds"]
+
+
+@pytest.mark.parametrize("how", ["other posterior", "other probabilities", "written before fingerprints"])
+def test_a_saved_evaluation_that_may_not_match_the_posterior_is_done_again(assets, clean, tmp_path, how):
+    run = tmp_path / "run"
+    _kill_at(assets, run, tmp_path, "probs.safetensors", nth=2)
+    saved_json = run / "eval" / f"{task_file_stem(assets['task'])}.json"
+    saved = json.loads(saved_json.read_text())
+    for row in saved["predictions"]:
+        row["metrics"]["acc"] = -1.0  # would show in the summary if this file were taken
+    if how == "other posterior":
+        saved["fingerprint"] = "0" * 64
+    elif how == "other probabilities":
+        probs = saved_json.with_name(f"{task_file_stem(assets['task'])}.probs.safetensors")
+        probs.write_bytes(probs.read_bytes()[:-1] + b" ")
+    else:
+        del saved["fingerprint"], saved["probs_sha256"], saved["peak_eval_bytes"]
+    saved_json.write_text(json.dumps(saved))
+    again = _train(assets, run)
+    assert again.returncode == 0, again.stderr
+    assert not _reads_saved(again.stdout, run, assets["task"])
     _assert_same_final(clean, run)
 
 

@@ -33,7 +33,7 @@ from varlora import _io, distributed
 from varlora.config import ConfigError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "SaveError", "saving",
-           "file_digests", "verify_digests"]
+           "file_digests", "file_sha256", "verify_digests"]
 
 
 class SaveError(OSError):
@@ -119,7 +119,7 @@ def file_digests(folder: str | Path, skip: tuple[str, ...] = ()) -> dict[str, st
     """SHA-256 of every file under ``folder`` (sub-folders included), by path relative to it; ``skip`` names
     files to leave out."""
     folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*"))
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.relative_to(folder).as_posix() not in skip}
 
 
@@ -131,12 +131,13 @@ def verify_digests(folder: str | Path, digests: dict[str, str], remedy: str = ""
         path = folder / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing{remedy}")
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise ValueError(f"{path} is truncated or corrupted (its SHA-256 is not the one recorded when it was "
                              f"saved){remedy}")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, hex."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):

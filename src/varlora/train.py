@@ -8,12 +8,15 @@ A run folder holds::
     final/                      the method's saved state (peft adapter, posterior, temperature, ...) and
                                 stage.json (training seconds, post-hoc fit, peak memory, the SHA-256 of every
                                 other file of final/, checked when it is loaded): training is done
-    eval/<task>.json            the rows of every prediction (label, method, τ, samples, forward passes, metrics)
+    eval/<task>.json            the rows of every prediction (label, method, τ, samples, forward passes, metrics),
+                                the evaluation's seconds and peak memory, and the fingerprint of the posterior
+                                and config it was made with
     eval/<task>.probs.safetensors   the probabilities of each row, per sample where it samples
     summary.json                written last: the run's results and cost; a finished run is only re-read
 
 Running the same command again continues a killed run: from its checkpoint while training, from ``final/``
-after it (the post-hoc fit is not redone), and does nothing more for a finished one. A post-hoc method
+after it (the post-hoc fit is not redone; an evaluation task whose ``eval/<task>.json`` carries this ``final/``'s
+and config's fingerprint is read, not redone), and does nothing more for a finished one. A post-hoc method
 (``posthoc_of``) may take its trained adapter from a finished run of that method (``reuse``), whose config
 must then equal this run's apart from the method.
 
@@ -25,6 +28,7 @@ files written before it intact, and the same command continues once there is spa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -37,7 +41,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from varlora import _io, distributed
-from varlora.checkpoint import file_digests, load_checkpoint, save_checkpoint, saving, verify_digests
+from varlora.checkpoint import file_digests, file_sha256, load_checkpoint, save_checkpoint, saving, verify_digests
 from varlora.config import ConfigError, RunConfig
 from varlora.cost import PeakMemory
 from varlora.evaluate import finish
@@ -206,10 +210,11 @@ def check_final(folder: Path) -> dict[str, Any]:
     return stage
 
 
-def evaluate_run(session: Session, method: Method, task_name: str | None = None,
-                 log: Log = print) -> tuple[list[Prediction], float]:
+def evaluate_run(session: Session, method: Method, task_name: str | None = None, log: Log = print,
+                 memory: PeakMemory | None = None) -> tuple[list[Prediction], float]:
     """Evaluate the final method on ``task_name`` (default: the training task; others are out of distribution),
-    save the rows and probabilities, and return them with the evaluation seconds."""
+    save the rows and probabilities, and return them with the evaluation seconds. With ``memory``, the peak
+    memory of the evaluation is measured and saved with the rows."""
     task_name = task_name or session.config.data.task
     examples, scorer = session.val_examples, session.scorer
     if task_name != session.config.data.task:
@@ -217,15 +222,49 @@ def evaluate_run(session: Session, method: Method, task_name: str | None = None,
         examples = task.load("validation", data_dir=session.config.data.data_dir,
                              limit=session.config.data.eval_limit, seed=0)
         scorer = scorer_for(session.config, session.tokenizer, task)
+    if memory is not None:
+        memory.reset()
     started = time.perf_counter()
     predictions = [finish(p, session.config.eval.n_bins) for p in method.predict(examples, scorer)]
     seconds = time.perf_counter() - started
-    _save_predictions(session, task_name, predictions, seconds)
-    for p in predictions:
-        m = p.metrics
-        log(f"{task_name:>16} {p.label:>16}: acc {m['acc']:5.1f}%  ece {m['ece']:5.1f}%  "
-            f"nll {m['nll']:.3f}  brier {m['brier']:.3f}  (n={len(examples)}, ece bins={m['n_bins']})")
+    peak = memory.read() if memory is not None else None
+    _save_predictions(session, task_name, predictions, seconds, peak)
+    _log_rows(task_name, [prediction_row(p) for p in predictions], len(examples), log)
     return predictions, seconds
+
+
+def _log_rows(task_name: str, rows: list[dict[str, Any]], n: int, log: Log) -> None:
+    for row in rows:
+        m = row["metrics"]
+        log(f"{task_name:>16} {row['label']:>16}: acc {m['acc']:5.1f}%  ece {m['ece']:5.1f}%  "
+            f"nll {m['nll']:.3f}  brier {m['brier']:.3f}  (n={n}, ece bins={m['n_bins']})")
+
+
+def evaluation_fingerprint(session: Session) -> str | None:
+    """SHA-256 of ``final/stage.json`` (which holds the digest of every other file of ``final/``) and of the
+    run's config (its data and evaluation protocol included), or None before ``final/`` exists: an
+    ``eval/<task>.json`` that carries it was made from exactly this posterior by exactly this protocol."""
+    stage = session.paths.final / STAGE_FILE
+    if not stage.is_file():
+        return None
+    digest = hashlib.sha256(stage.read_bytes())
+    digest.update(json.dumps(session.config.to_dict(), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _saved_evaluation(session: Session, task_name: str) -> dict[str, Any] | None:
+    """The ``eval/<task>.json`` of an evaluation that finished before a restart, if it carries this run's
+    fingerprint, its peak memory, and the digest of the probabilities file beside it; else None (evaluate
+    again). Files written before fingerprints existed are never taken."""
+    fingerprint = evaluation_fingerprint(session)
+    try:
+        saved = json.loads(session.paths.eval_json(task_name).read_text())
+        fresh = (fingerprint is not None and saved.get("fingerprint") == fingerprint
+                 and saved.get("peak_eval_bytes") is not None
+                 and saved.get("probs_sha256") == file_sha256(session.paths.eval_probs(task_name)))
+    except (OSError, ValueError, AttributeError):  # missing, torn, or not a JSON object
+        return None
+    return saved if fresh else None
 
 
 def prediction_row(p: Prediction) -> dict[str, Any]:
@@ -234,7 +273,8 @@ def prediction_row(p: Prediction) -> dict[str, Any]:
             "forward_passes": p.forward_passes, "metrics": p.metrics}
 
 
-def _save_predictions(session: Session, task_name: str, predictions: list[Prediction], seconds: float) -> None:
+def _save_predictions(session: Session, task_name: str, predictions: list[Prediction], seconds: float,
+                      peak_bytes: int | None) -> None:
     if not distributed.is_main():
         return
     c = session.config
@@ -254,6 +294,9 @@ def _save_predictions(session: Session, task_name: str, predictions: list[Predic
             "scoring": c.data.scoring,
             "n_examples": len(predictions[0].labels),
             "eval_seconds": seconds,
+            "peak_eval_bytes": peak_bytes,
+            "fingerprint": evaluation_fingerprint(session),
+            "probs_sha256": file_sha256(session.paths.eval_probs(task_name)),
             "predictions": [prediction_row(p) for p in predictions],
         })
 
@@ -302,11 +345,18 @@ def train_run(config: RunConfig, run_dir: str | Path, log: Log = print, reuse: s
         _save_final(session, method, stage)
     results, rows, eval_seconds, peak_eval = {}, {}, {}, 0
     for task_name in [config.data.task, *config.eval.ood_tasks]:
-        memory.reset()
-        predictions, eval_seconds[task_name] = evaluate_run(session, method, task_name, log)
-        peak_eval = max(peak_eval, memory.read())
-        results[task_name] = {p.label: p.metrics for p in predictions}
-        rows[task_name] = [{k: v for k, v in prediction_row(p).items() if k != "metrics"} for p in predictions]
+        saved = distributed.broadcast_object(_saved_evaluation(session, task_name) if distributed.is_main() else None)
+        if saved is not None:
+            log(f"{session.paths.eval_json(task_name)} was evaluated before the restart; reading it")
+            _log_rows(task_name, saved["predictions"], saved["n_examples"], log)
+            task_rows, eval_seconds[task_name] = saved["predictions"], saved["eval_seconds"]
+            peak_eval = max(peak_eval, saved["peak_eval_bytes"])
+        else:
+            predictions, eval_seconds[task_name] = evaluate_run(session, method, task_name, log, memory)
+            task_rows = [prediction_row(p) for p in predictions]
+            peak_eval = max(peak_eval, memory.read())
+        results[task_name] = {row["label"]: row["metrics"] for row in task_rows}
+        rows[task_name] = [{k: v for k, v in row.items() if k != "metrics"} for row in task_rows]
     cost = {k: stage[k] for k in ("train_seconds", "fit_seconds", "peak_train_bytes", "peak_fit_bytes",
                                   "extra_param_bytes", "optimizer_state_bytes")}
     cost |= {"eval_seconds": eval_seconds, "peak_eval_bytes": peak_eval, "memory_kind": memory.kind,
