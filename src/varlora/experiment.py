@@ -315,7 +315,8 @@ def write_report(preset: Preset, records: Path, results_dir: Path, sample: RunCo
         ood_tasks = sorted({r.eval_task for r in ood})
         trained_on = ", ".join(sorted({r.train_task for r in ood}))
         # extra τ rows appear only where they were evaluated out of distribution, not as rows of dashes
-        ood_methods = [m for m in methods if m in ranked or m in {r.label for r in ood}]
+        ood_labels = {r.label for r in ood}
+        ood_methods = [m for m in methods if m in ranked or m in ood_labels]
         ood_table = report.aggregate([replace(r, train_task=r.eval_task) for r in ood], ood_methods, ood_tasks)
         detection = report.ood_detection(ood, probs)
         sections += [f"## Out of distribution (trained on {trained_on}, evaluated unchanged)", "",
