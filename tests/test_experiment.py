@@ -99,7 +99,7 @@ def _fake_run(root, task, variant, seed, metrics_by_label, seconds=10.0, method=
              "forward_passes": 1} for label in metrics_by_label]
     cost = {"train_seconds": seconds, "fit_seconds": 0.0, "eval_seconds": {task: 2.0}, "peak_train_bytes": 2**30,
             "peak_eval_bytes": 2**29, "extra_param_bytes": 0, "optimizer_state_bytes": 2**20,
-            "memory_kind": "rss_peak", "trained_in": "this run"}
+            "memory_kind": "rss_peak_trimmed", "trained_in": "this run"}
     (folder / "summary.json").write_text(json.dumps({
         "task": task, "seed": seed, "method": method, "train_seconds": seconds,
         "results": {task: {k: v | {"n": 20} for k, v in metrics_by_label.items()}}, "rows": {task: rows},

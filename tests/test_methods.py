@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import varlora
+import varlora.cost
 from conftest import assert_identical, build_assets
 from varlora import report
 from varlora.config import RunConfig
@@ -167,6 +169,36 @@ def test_posthoc_methods_reuse_a_finished_map_run_exactly(assets, finished, tmp_
     other = train_run(_config(assets, "temperature", adamw={"lr": 2e-2}), tmp_path / "other", log=_quiet,
                       reuse=map_folder)
     assert other["trained_in"] == "this run"
+
+
+@pytest.mark.skipif(varlora.cost._malloc_trim() is None or not Path("/proc/self/clear_refs").exists(),
+                    reason="needs Linux's clear_refs and glibc's malloc_trim")
+def test_a_runs_memory_kind_is_the_weakest_of_its_measurements(assets, finished, tmp_path):
+    """Every stage a run measures itself is measured after the heap trim; a training it reuses, or an evaluation
+    it reads back after a restart, keeps the kind it was measured with (none saved: before the trim existed),
+    and the run's kind is the weakest of them, so that the report can tell exact peaks from upper bounds."""
+    map_folder, map_summary = finished("adamw")
+    assert map_summary["cost"]["memory_kind"] == "rss_peak_trimmed"
+    old_map = tmp_path / "old_map"
+    shutil.copytree(map_folder, old_map)
+    summary = json.loads((old_map / "summary.json").read_text())
+    summary["cost"]["memory_kind"] = "rss_peak"
+    (old_map / "summary.json").write_text(json.dumps(summary))
+    reused = train_run(_config(assets, "temperature"), tmp_path / "temperature", log=_quiet, reuse=old_map)
+    assert reused["trained_in"] == str(old_map) and reused["cost"]["memory_kind"] == "rss_peak"
+
+    restarted = tmp_path / "restarted"
+    shutil.copytree(map_folder, restarted)
+    (restarted / "summary.json").unlink()
+    saved_path = RunPaths(restarted).eval_json(assets["task"])
+    saved = json.loads(saved_path.read_text())
+    assert saved["memory_kind"] == "rss_peak_trimmed"
+    del saved["memory_kind"]
+    saved_path.write_text(json.dumps(saved))
+    messages: list[str] = []
+    again = train_run(_config(assets, "adamw"), restarted, log=messages.append)
+    assert any("was evaluated before the restart; reading it" in m for m in messages)
+    assert again["cost"]["memory_kind"] == "rss_peak"
 
 
 def test_ensemble_probabilities_are_the_mean_of_its_members_loaded_one_by_one(assets, finished, tmp_path):

@@ -19,7 +19,7 @@ def _peaked(confidence: float, top: int, k: int = 4) -> list[float]:
     return [confidence if c == top else (1 - confidence) / (k - 1) for c in range(k)]
 
 
-def _fake_run(root, task, variant, seed, rows, method=None):
+def _fake_run(root, task, variant, seed, rows, method=None, **cost_fields):
     """A finished run folder: summary.json and eval/<task>.probs.safetensors for every task of ``rows``.
 
     ``rows[task][label]`` = (probs (N, K), sample_probs (S, N, K) or None, metrics, tau, n_samples)."""
@@ -40,7 +40,7 @@ def _fake_run(root, task, variant, seed, rows, method=None):
         results[eval_task] = {label: metrics | {"n": n} for label, (_, _, metrics, _, _) in by_label.items()}
     cost = {"train_seconds": 10.0, "fit_seconds": 0.0, "eval_seconds": {task: 2.0}, "peak_train_bytes": 2**30,
             "peak_eval_bytes": 2**29, "extra_param_bytes": 0, "optimizer_state_bytes": 2**20,
-            "memory_kind": "rss_peak", "trained_in": "this run"}
+            "memory_kind": "rss_peak", "trained_in": "this run"} | cost_fields
     (folder / "summary.json").write_text(json.dumps({
         "task": task, "seed": seed, "method": method, "train_seconds": 10.0, "results": results,
         "rows": summary_rows, "cost": cost}))
@@ -254,3 +254,32 @@ def test_accuracy_coverage_panels_follow_the_given_task_order(tmp_path, monkeypa
     report.write_figures(found, tmp_path / "out", task_order=["winogrande_s", "obqa", "arc_easy"])
     report.write_figures(found, tmp_path / "out")
     assert drawn == [["obqa", "arc_easy"], ["arc_easy", "obqa"]]
+
+
+def test_the_cost_table_takes_memory_from_a_rows_best_measurements_and_marks_upper_bounds(tmp_path):
+    """adamw: seed 1 measured without the heap trim (4 GiB, an upper bound), seed 2 with it (1 GiB / 512 MiB):
+    the row shows seed 2's figures unmarked. ivon: only untrimmed runs, so its figures are marked "≤"."""
+    untrimmed = {"memory_kind": "rss_peak", "peak_train_bytes": 4 * 2**30, "peak_eval_bytes": 4 * 2**30}
+    trimmed = {"memory_kind": "rss_peak_trimmed", "peak_train_bytes": 2**30, "peak_eval_bytes": 2**29}
+    for seed, fields in ((1, untrimmed), (2, trimmed)):
+        _fake_run(tmp_path, "obqa", "adamw", seed, {"obqa": {"adamw": (ID, None, M, None, 1)}}, **fields)
+        _fake_run(tmp_path, "obqa", "ivon", seed, {"obqa": {"ivon@mean": (ID, None, M, 0.0, 1)}}, method="ivon")
+    table = report.cost_table(report.find_runs(tmp_path), ["adamw", "ivon@mean"])
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()
+             if line.startswith("| adamw ") or line.startswith("| ivon@mean ")}
+    assert cells["adamw"][7:9] == ["1024", "512"]
+    assert cells["ivon@mean"][7:9] == ["≤ 1024", "≤ 512"]
+    assert "(rss_peak_trimmed)" in table and "(rss_peak): an upper bound" in table and '"≤" marks' in table
+    only_trimmed = report.cost_table(report.find_runs(tmp_path), ["adamw"])
+    assert "(rss_peak)" not in only_trimmed and "≤" not in only_trimmed  # the note names only the kinds shown
+
+
+def test_the_cost_table_gives_the_range_of_forward_passes_across_tasks(tmp_path):
+    """Laplace's passes per example are 1 + K (K backward passes for the Jacobians): 3 on a two-choice task, 5 on a
+    four-choice one."""
+    _fake_run(tmp_path, "obqa", "laplace", 1, {"obqa": {"laplace": (ID, None, M, None, 5)}})
+    _fake_run(tmp_path, "winogrande_s", "laplace", 1, {"winogrande_s": {"laplace": (ID, None, M, None, 3)}})
+    _fake_run(tmp_path, "obqa", "adamw", 1, {"obqa": {"adamw": (ID, None, M, None, 1)}})
+    table = report.cost_table(report.find_runs(tmp_path), ["adamw", "laplace"])
+    passes = {line.split(" | ")[0].strip("| "): line.split(" | ")[6] for line in table.splitlines()[2:4]}
+    assert passes == {"adamw": "1", "laplace": "3–5"}

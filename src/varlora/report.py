@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from varlora import _io, plots
+from varlora.cost import EXACT_KINDS, KINDS_BY_TRUST, UNNAMED_MEMORY_KIND
 from varlora.metrics import accuracy_coverage_curve, aurc, auroc, fpr_at_95_tpr, mutual_information, predictive_entropy
 from varlora.run_paths import RunPaths
 
@@ -348,9 +349,13 @@ def cost_table(results: Sequence[RunResult], labels: Sequence[str]) -> str:
     method's on the same tasks and seeds), post-hoc fit seconds (and training + fit as a ratio to MAP's
     training), evaluation seconds of the whole row's run, LM forward passes per example, peak memory while
     training and while evaluating, and the bytes of extra parameters and optimizer state beyond one LoRA
-    adapter."""
+    adapter. Forward passes are a range where they differ between tasks.
+
+    Peak memory averages only the runs of the row's most trustworthy ``memory_kind`` (:mod:`varlora.cost`);
+    a row with no exact measurement shows its upper bound, marked "≤"."""
     in_domain = [r for r in results if r.eval_task == r.train_task]
     ratios, with_fit = training_cost_ratios(in_domain), training_cost_ratios(in_domain, with_fit=True)
+    kinds_used: set[str] = set()
     lines = ["| method | training s | × MAP training | post-hoc fit s | × MAP training + fit | evaluation s "
              "| forward passes / example | peak MB training | peak MB evaluation | extra params MB "
              "| optimizer state MB |",
@@ -364,20 +369,54 @@ def cost_table(results: Sequence[RunResult], labels: Sequence[str]) -> str:
         def mean(values: Iterable[float]) -> float:
             return statistics.fmean(list(values))
 
+        kind = min((_memory_kind(c) for c in cost), key=KINDS_BY_TRUST.index)
+        measured = [c for c in cost if _memory_kind(c) == kind]
+        bound = "" if kind in EXACT_KINDS else "≤ "
+        kinds_used.add(kind)
         lines.append(
             f"| {label} | {mean(c['train_seconds'] for c in cost):.0f} | "
             + (f"{ratios[label]:.2f}" if label in ratios else "–")
             + f" | {mean(c['fit_seconds'] for c in cost):.1f} | "
             + (f"{with_fit[label]:.2f}" if label in with_fit else "–") + " | "
             f"{mean(c['eval_seconds'][r.train_task] for c, r in zip(cost, rows, strict=True)):.1f} | "
-            f"{rows[0].forward_passes} | {mean(c['peak_train_bytes'] for c in cost) / 2**20:.0f} | "
-            f"{mean(c['peak_eval_bytes'] for c in cost) / 2**20:.0f} | "
+            f"{_span(r.forward_passes for r in rows)} | "
+            f"{bound}{mean(c['peak_train_bytes'] for c in measured) / 2**20:.0f} | "
+            f"{bound}{mean(c['peak_eval_bytes'] for c in measured) / 2**20:.0f} | "
             f"{mean(c['extra_param_bytes'] for c in cost) / 2**20:.2f} | "
             f"{mean(c['optimizer_state_bytes'] for c in cost) / 2**20:.2f} |")
-    kinds = sorted({r.cost.get("memory_kind", "") for r in in_domain if r.cost})
-    return "\n".join(lines) + f"\n\nPeak memory: {', '.join(kinds)} (weights included). Training seconds of a " \
-        "post-hoc method are those of the MAP run whose adapter it reuses (its × MAP training is 1 by " \
-        "construction).\n"
+    return "\n".join(lines) + "\n\n" + _memory_note(kinds_used) + " Training seconds of a post-hoc method are " \
+        "those of the MAP run whose adapter it reuses (its × MAP training is 1 by construction).\n"
+
+
+def _span(values: Iterable[int]) -> str:
+    """"3" for one value, "3–5" for several (Laplace's passes grow with the number of choices K)."""
+    distinct = sorted(set(values))
+    return str(distinct[0]) if len(distinct) == 1 else f"{distinct[0]}–{distinct[-1]}"
+
+
+def _memory_kind(cost: dict) -> str:
+    kind = cost.get("memory_kind") or UNNAMED_MEMORY_KIND
+    return kind if kind in KINDS_BY_TRUST else KINDS_BY_TRUST[-1]
+
+
+_MEMORY_KIND_TEXT = {
+    "cuda_max_allocated": "peak allocated GPU memory (cuda_max_allocated)",
+    "rss_peak_trimmed": "the process's peak resident memory in the stage, counted from a start where the heap pages "
+                        "freed by its earlier stages were handed back to the OS (rss_peak_trimmed)",
+    "rss_peak": "the process's peak resident memory in the stage, with the heap pages it kept from earlier stages "
+                "and runs (rss_peak): an upper bound",
+    "rss_peak_since_start": "the process's peak resident memory since it started (rss_peak_since_start): an upper "
+                            "bound",
+}
+
+
+def _memory_note(kinds: set[str]) -> str:
+    """The cost table's sentence on what its memory columns measure."""
+    described = "; ".join(_MEMORY_KIND_TEXT[k] for k in sorted(kinds, key=KINDS_BY_TRUST.index))
+    note = f"Peak memory, weights included: {described}."
+    if kinds - EXACT_KINDS:
+        note += " A row's memory is the mean of its runs of the best kind it has; \"≤\" marks upper bounds."
+    return note
 
 
 def best_within_budget(table: dict, ratios: dict[str, float], tasks: Sequence[str], budget: float = 1.1,

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from varlora import _io, distributed
 from varlora.checkpoint import file_digests, file_sha256, load_checkpoint, save_checkpoint, saving, verify_digests
 from varlora.config import ConfigError, RunConfig
-from varlora.cost import PeakMemory
+from varlora.cost import UNNAMED_MEMORY_KIND, PeakMemory, weakest
 from varlora.evaluate import finish
 from varlora.methods import Method, Prediction, build_method, get_method
 from varlora.run_paths import RunPaths, task_file_stem
@@ -164,7 +164,8 @@ def _train_or_reuse(session: Session, method: Method, reuse: Path | None, memory
             shutil.copyfile(reuse / "metrics.jsonl", session.paths.metrics)
         cost = source["cost"]
         stage = {"train_seconds": cost["train_seconds"], "peak_train_bytes": cost["peak_train_bytes"],
-                 "trained_in": str(reuse), "map_optimizer_state_bytes": cost["optimizer_state_bytes"]}
+                 "trained_in": str(reuse), "map_optimizer_state_bytes": cost["optimizer_state_bytes"],
+                 "map_memory_kind": cost.get("memory_kind", UNNAMED_MEMORY_KIND)}
     else:
         train_seconds = fit(session, method, log)
         stage = {"train_seconds": train_seconds, "peak_train_bytes": memory.read(), "trained_in": "this run"}
@@ -176,6 +177,7 @@ def _train_or_reuse(session: Session, method: Method, reuse: Path | None, memory
     stage |= method.extra_bytes()  # after the fit: a posterior (IVON's σ, Laplace's factors) exists now
     if "map_optimizer_state_bytes" in stage:  # the training this run reused held that optimizer state
         stage["optimizer_state_bytes"] = stage.pop("map_optimizer_state_bytes")
+    stage["memory_kind"] = weakest([memory.kind, stage.pop("map_memory_kind", memory.kind)])
     return stage
 
 
@@ -228,7 +230,7 @@ def evaluate_run(session: Session, method: Method, task_name: str | None = None,
     predictions = [finish(p, session.config.eval.n_bins) for p in method.predict(examples, scorer)]
     seconds = time.perf_counter() - started
     peak = memory.read() if memory is not None else None
-    _save_predictions(session, task_name, predictions, seconds, peak)
+    _save_predictions(session, task_name, predictions, seconds, peak, memory.kind if memory is not None else None)
     _log_rows(task_name, [prediction_row(p) for p in predictions], len(examples), log)
     return predictions, seconds
 
@@ -274,7 +276,7 @@ def prediction_row(p: Prediction) -> dict[str, Any]:
 
 
 def _save_predictions(session: Session, task_name: str, predictions: list[Prediction], seconds: float,
-                      peak_bytes: int | None) -> None:
+                      peak_bytes: int | None, memory_kind: str | None) -> None:
     if not distributed.is_main():
         return
     c = session.config
@@ -295,6 +297,7 @@ def _save_predictions(session: Session, task_name: str, predictions: list[Predic
             "n_examples": len(predictions[0].labels),
             "eval_seconds": seconds,
             "peak_eval_bytes": peak_bytes,
+            "memory_kind": memory_kind,
             "fingerprint": evaluation_fingerprint(session),
             "probs_sha256": file_sha256(session.paths.eval_probs(task_name)),
             "predictions": [prediction_row(p) for p in predictions],
@@ -344,6 +347,7 @@ def train_run(config: RunConfig, run_dir: str | Path, log: Log = print, reuse: s
         stage = _train_or_reuse(session, method, Path(reuse) if reuse else None, memory, log)
         _save_final(session, method, stage)
     results, rows, eval_seconds, peak_eval = {}, {}, {}, 0
+    memory_kinds = [stage.get("memory_kind", UNNAMED_MEMORY_KIND)]
     for task_name in [config.data.task, *config.eval.ood_tasks]:
         saved = distributed.broadcast_object(_saved_evaluation(session, task_name) if distributed.is_main() else None)
         if saved is not None:
@@ -351,15 +355,17 @@ def train_run(config: RunConfig, run_dir: str | Path, log: Log = print, reuse: s
             _log_rows(task_name, saved["predictions"], saved["n_examples"], log)
             task_rows, eval_seconds[task_name] = saved["predictions"], saved["eval_seconds"]
             peak_eval = max(peak_eval, saved["peak_eval_bytes"])
+            memory_kinds.append(saved.get("memory_kind") or UNNAMED_MEMORY_KIND)
         else:
             predictions, eval_seconds[task_name] = evaluate_run(session, method, task_name, log, memory)
             task_rows = [prediction_row(p) for p in predictions]
             peak_eval = max(peak_eval, memory.read())
+            memory_kinds.append(memory.kind)
         results[task_name] = {row["label"]: row["metrics"] for row in task_rows}
         rows[task_name] = [{k: v for k, v in row.items() if k != "metrics"} for row in task_rows]
     cost = {k: stage[k] for k in ("train_seconds", "fit_seconds", "peak_train_bytes", "peak_fit_bytes",
                                   "extra_param_bytes", "optimizer_state_bytes")}
-    cost |= {"eval_seconds": eval_seconds, "peak_eval_bytes": peak_eval, "memory_kind": memory.kind,
+    cost |= {"eval_seconds": eval_seconds, "peak_eval_bytes": peak_eval, "memory_kind": weakest(memory_kinds),
              "lora_param_bytes": sum(p.numel() * p.element_size() for p in session.params.values()),
              "device": str(next(iter(session.params.values())).device)}
     summary = {"run_dir": str(paths.root), "method": config.method.name, "task": config.data.task,
