@@ -283,3 +283,14 @@ def test_the_cost_table_gives_the_range_of_forward_passes_across_tasks(tmp_path)
     table = report.cost_table(report.find_runs(tmp_path), ["adamw", "laplace"])
     passes = {line.split(" | ")[0].strip("| "): line.split(" | ")[6] for line in table.splitlines()[2:4]}
     assert passes == {"adamw": "1", "laplace": "3–5"}
+
+
+def test_a_posthoc_rows_training_seconds_are_those_of_the_map_run_it_reuses(tmp_path):
+    """The temperature record timed a retraining of the MAP adapter (99 s, on another machine); the adapter is
+    the adamw run's (10 s), so both the seconds and the ratio are the MAP run's."""
+    _fake_run(tmp_path, "obqa", "adamw", 1, {"obqa": {"adamw": (ID, None, M, None, 1)}})
+    _fake_run(tmp_path, "obqa", "temperature", 1, {"obqa": {"temperature": (ID, None, M, None, 1)}},
+              train_seconds=99.0, fit_seconds=5.0)
+    table = report.cost_table(report.find_runs(tmp_path), ["adamw", "temperature"])
+    row = next(line for line in table.splitlines() if line.startswith("| temperature |")).split(" | ")
+    assert row[1:5] == ["10", "1.00", "5.0", "1.50"]

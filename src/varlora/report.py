@@ -322,24 +322,38 @@ def rank_table(table: dict, tasks: Sequence[str], metrics: Sequence[str] = ("acc
     return "\n".join(lines) + "\n"
 
 
-def training_cost_ratios(results: Sequence[RunResult], with_fit: bool = False) -> dict[str, float]:
-    """Per row label, the mean over its in-distribution runs of training seconds ÷ the MAP run's on the same
-    task and seed; labels without a MAP run to compare with are absent. A post-hoc method trains exactly the
-    MAP adapter it reuses, so its training counts as the MAP run's (ratio 1) even where its record timed a
-    retraining of that adapter on another machine. ``with_fit`` adds the post-hoc fit seconds (temperature's
-    T, Laplace's curvature and prior, TFB's variance search) to the numerator: the cost of the predictor."""
+def _map_training_seconds(in_domain: Sequence[RunResult]) -> dict[tuple[str, int], float]:
+    """Training seconds of the MAP run of each (task, seed)."""
     from varlora.methods import get_method
 
+    return {(r.train_task, r.seed): r.cost["train_seconds"] for r in in_domain
+            if r.method and get_method(r.method).role == "map" and r.cost}
+
+
+def _training_seconds(r: RunResult, map_seconds: dict[tuple[str, int], float]) -> float:
+    """A run's training seconds. A post-hoc method trains exactly the MAP adapter it reuses, so its training
+    counts as the MAP run's of the same task and seed (where that run is recorded), even where its own record
+    timed a retraining of that adapter on another machine."""
+    from varlora.methods import get_method
+
+    if r.method and get_method(r.method).posthoc_of:
+        return map_seconds.get((r.train_task, r.seed), r.cost["train_seconds"])
+    return r.cost["train_seconds"]
+
+
+def training_cost_ratios(results: Sequence[RunResult], with_fit: bool = False) -> dict[str, float]:
+    """Per row label, the mean over its in-distribution runs of training seconds (:func:`_training_seconds`:
+    a post-hoc method's are the MAP run's, ratio 1) ÷ the MAP run's on the same task and seed; labels without a
+    MAP run to compare with are absent. ``with_fit`` adds the post-hoc fit seconds (temperature's T, Laplace's
+    curvature and prior, TFB's variance search) to the numerator: the cost of the predictor."""
     in_domain = [r for r in results if r.eval_task == r.train_task]
-    map_seconds = {(r.train_task, r.seed): r.cost["train_seconds"] for r in in_domain
-                   if r.method and get_method(r.method).role == "map" and r.cost}
+    map_seconds = _map_training_seconds(in_domain)
     ratios: dict[str, list[float]] = defaultdict(list)
     for r in in_domain:
         reference = map_seconds.get((r.train_task, r.seed))
         if not (r.cost and reference):
             continue
-        posthoc = bool(r.method and get_method(r.method).posthoc_of)
-        seconds = (reference if posthoc else r.cost["train_seconds"]) + (r.cost["fit_seconds"] if with_fit else 0.0)
+        seconds = _training_seconds(r, map_seconds) + (r.cost["fit_seconds"] if with_fit else 0.0)
         ratios[r.label].append(seconds / reference)
     return {label: statistics.fmean(values) for label, values in ratios.items()}
 
@@ -355,6 +369,7 @@ def cost_table(results: Sequence[RunResult], labels: Sequence[str]) -> str:
     a row with no exact measurement shows its upper bound, marked "≤"."""
     in_domain = [r for r in results if r.eval_task == r.train_task]
     ratios, with_fit = training_cost_ratios(in_domain), training_cost_ratios(in_domain, with_fit=True)
+    map_seconds = _map_training_seconds(in_domain)
     kinds_used: set[str] = set()
     lines = ["| method | training s | × MAP training | post-hoc fit s | × MAP training + fit | evaluation s "
              "| forward passes / example | peak MB training | peak MB evaluation | extra params MB "
@@ -374,7 +389,7 @@ def cost_table(results: Sequence[RunResult], labels: Sequence[str]) -> str:
         bound = "" if kind in EXACT_KINDS else "≤ "
         kinds_used.add(kind)
         lines.append(
-            f"| {label} | {mean(c['train_seconds'] for c in cost):.0f} | "
+            f"| {label} | {mean(_training_seconds(r, map_seconds) for r in rows):.0f} | "
             + (f"{ratios[label]:.2f}" if label in ratios else "–")
             + f" | {mean(c['fit_seconds'] for c in cost):.1f} | "
             + (f"{with_fit[label]:.2f}" if label in with_fit else "–") + " | "
