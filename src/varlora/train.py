@@ -213,10 +213,11 @@ def check_final(folder: Path) -> dict[str, Any]:
 
 
 def evaluate_run(session: Session, method: Method, task_name: str | None = None, log: Log = print,
-                 memory: PeakMemory | None = None) -> tuple[list[Prediction], float]:
+                 memory: PeakMemory | None = None) -> tuple[list[Prediction], dict[str, Any]]:
     """Evaluate the final method on ``task_name`` (default: the training task; others are out of distribution),
-    save the rows and probabilities, and return them with the evaluation seconds. With ``memory``, the peak
-    memory of the evaluation is measured and saved with the rows."""
+    save the rows and probabilities, and return the predictions and the evaluation's record (the content of
+    ``eval/<task>.json``: rows, seconds, peak memory). With ``memory``, the peak memory of the evaluation is
+    measured and saved with the rows."""
     task_name = task_name or session.config.data.task
     examples, scorer = session.val_examples, session.scorer
     if task_name != session.config.data.task:
@@ -230,9 +231,10 @@ def evaluate_run(session: Session, method: Method, task_name: str | None = None,
     predictions = [finish(p, session.config.eval.n_bins) for p in method.predict(examples, scorer)]
     seconds = time.perf_counter() - started
     peak = memory.read() if memory is not None else None
-    _save_predictions(session, task_name, predictions, seconds, peak, memory.kind if memory is not None else None)
-    _log_rows(task_name, [prediction_row(p) for p in predictions], len(examples), log)
-    return predictions, seconds
+    record = _save_predictions(session, task_name, predictions, seconds, peak,
+                               memory.kind if memory is not None else None)
+    _log_rows(task_name, record["predictions"], len(examples), log)
+    return predictions, record
 
 
 def _log_rows(task_name: str, rows: list[dict[str, Any]], n: int, log: Log) -> None:
@@ -276,10 +278,23 @@ def prediction_row(p: Prediction) -> dict[str, Any]:
 
 
 def _save_predictions(session: Session, task_name: str, predictions: list[Prediction], seconds: float,
-                      peak_bytes: int | None, memory_kind: str | None) -> None:
-    if not distributed.is_main():
-        return
+                      peak_bytes: int | None, memory_kind: str | None) -> dict[str, Any]:
+    """Write ``eval/<task>.probs.safetensors`` and ``eval/<task>.json`` (on the main process) and return the
+    JSON's content (without the probabilities' digest on the other processes, which write nothing)."""
     c = session.config
+    record = {
+        "task": task_name,
+        "train_task": c.data.task,
+        "scoring": c.data.scoring,
+        "n_examples": len(predictions[0].labels),
+        "eval_seconds": seconds,
+        "peak_eval_bytes": peak_bytes,
+        "memory_kind": memory_kind,
+        "fingerprint": evaluation_fingerprint(session),
+        "predictions": [prediction_row(p) for p in predictions],
+    }
+    if not distributed.is_main():
+        return record
     tensors = {"labels": predictions[0].labels.contiguous()}
     for p in predictions:
         tensors[f"probs/{p.label}"] = p.probs.contiguous()
@@ -289,19 +304,10 @@ def _save_predictions(session: Session, task_name: str, predictions: list[Predic
     with saving(session.paths.eval_probs(task_name), kept), \
             _io.atomic_path(session.paths.eval_probs(task_name)) as tmp:
         save_file(tensors, str(tmp))
+    record["probs_sha256"] = file_sha256(session.paths.eval_probs(task_name))
     with saving(session.paths.eval_json(task_name), kept):
-        _io.write_json(session.paths.eval_json(task_name), {
-            "task": task_name,
-            "train_task": c.data.task,
-            "scoring": c.data.scoring,
-            "n_examples": len(predictions[0].labels),
-            "eval_seconds": seconds,
-            "peak_eval_bytes": peak_bytes,
-            "memory_kind": memory_kind,
-            "fingerprint": evaluation_fingerprint(session),
-            "probs_sha256": file_sha256(session.paths.eval_probs(task_name)),
-            "predictions": [prediction_row(p) for p in predictions],
-        })
+        _io.write_json(session.paths.eval_json(task_name), record)
+    return record
 
 
 def load_run(run_dir: str | Path, config: RunConfig | None = None) -> tuple[Session, Method]:
@@ -353,14 +359,11 @@ def train_run(config: RunConfig, run_dir: str | Path, log: Log = print, reuse: s
         if saved is not None:
             log(f"{session.paths.eval_json(task_name)} was evaluated before the restart; reading it")
             _log_rows(task_name, saved["predictions"], saved["n_examples"], log)
-            task_rows, eval_seconds[task_name] = saved["predictions"], saved["eval_seconds"]
-            peak_eval = max(peak_eval, saved["peak_eval_bytes"])
-            memory_kinds.append(saved.get("memory_kind") or UNNAMED_MEMORY_KIND)
         else:
-            predictions, eval_seconds[task_name] = evaluate_run(session, method, task_name, log, memory)
-            task_rows = [prediction_row(p) for p in predictions]
-            peak_eval = max(peak_eval, memory.read())
-            memory_kinds.append(memory.kind)
+            _, saved = evaluate_run(session, method, task_name, log, memory)
+        task_rows, eval_seconds[task_name] = saved["predictions"], saved["eval_seconds"]
+        peak_eval = max(peak_eval, saved["peak_eval_bytes"])
+        memory_kinds.append(saved.get("memory_kind") or UNNAMED_MEMORY_KIND)
         results[task_name] = {row["label"]: row["metrics"] for row in task_rows}
         rows[task_name] = [{k: v for k, v in row.items() if k != "metrics"} for row in task_rows]
     cost = {k: stage[k] for k in ("train_seconds", "fit_seconds", "peak_train_bytes", "peak_fit_bytes",
