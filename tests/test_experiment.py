@@ -218,9 +218,11 @@ def test_best_within_budget_leaves_out_rows_over_budget_and_ranks_each_metric():
              "cheap": {"t1": cell | {"acc": (60.0, 0, 1), "nll": (0.9, 0, 1)}, "t2": cell | {"nll": (1.2, 0, 1)}},
              "costly": {"t1": cell | {"acc": (90.0, 0, 1), "nll": (0.1, 0, 1)}, "t2": cell},
              "unmeasured": {"t1": cell | {"acc": (99.0, 0, 1)}}}
-    ratios = {"map": 1.0, "cheap": 1.1, "costly": 3.0}
-    text = report.best_within_budget(table, ratios, ["t1", "t2"], budget=1.1, metrics=("acc", "nll"))
-    assert "over budget: costly (3.00×)" in text and "the cost table's × MAP training column" in text
+    ratios = {"map": 1.0, "cheap": 1.1, "costly": 3.0, "just_over": 1.1004}
+    text = report.best_within_budget(table | {"just_over": table["map"]}, ratios, ["t1", "t2"], budget=1.1,
+                                     metrics=("acc", "nll"))
+    assert "over budget: costly (3.00×), just_over (1.1004×)" in text  # not "1.10×", which reads as within
+    assert "the cost table's × MAP training column" in text
     assert "| ACC % | cheap 60.0 · map 50.0 | cheap 50.0 · map 50.0 | – |" in text  # ties: by label
     assert "| NLL | cheap 0.900 · map 1.000 | map 1.000 · cheap 1.200 | – |" in text
 

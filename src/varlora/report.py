@@ -434,6 +434,15 @@ def _memory_note(kinds: set[str]) -> str:
     return note
 
 
+def _ratio_over(ratio: float, budget: float) -> str:
+    """``ratio`` (> ``budget``) with two decimals, or as many more as it takes not to print the budget itself
+    (1.1004 over a budget of 1.1 reads "1.1004", not "1.10")."""
+    digits = 2
+    while float(f"{ratio:.{digits}f}") <= budget and digits < 8:
+        digits += 1
+    return f"{ratio:.{digits}f}"
+
+
 def best_within_budget(table: dict, ratios: dict[str, float], tasks: Sequence[str], budget: float = 1.1,
                        metrics: Sequence[str] = ("acc", "ece", "nll"), basis: str = "training") -> str:
     """Per metric and column (task, average), the best and second-best rows of ``table`` (:func:`aggregate`)
@@ -444,7 +453,8 @@ def best_within_budget(table: dict, ratios: dict[str, float], tasks: Sequence[st
     (``"training"`` or ``"training + fit"``: :func:`training_cost_ratios` without or with ``with_fit``)."""
     columns = [*tasks, "average"] if len(tasks) > 1 else list(tasks)
     eligible = [label for label in table if ratios.get(label, math.inf) <= budget]
-    over = [f"{label} ({ratios[label]:.2f}×)" for label in table if ratios.get(label, -math.inf) > budget]
+    over = [f"{label} ({_ratio_over(ratios[label], budget)}×)" for label in table
+            if ratios.get(label, -math.inf) > budget]
     lines = [f"Rows whose {basis} costs at most {budget:g}× MAP's training (measured: the cost table's "
              f"× MAP {basis} column); "
              f"over budget: {', '.join(over) or 'none'}. Each cell: best · second, mean over seeds.", "",
