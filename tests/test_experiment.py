@@ -108,7 +108,7 @@ def _fake_run(root, task, variant, seed, metrics_by_label, seconds=10.0, method=
 
 
 def _m(acc, ece=10.0, nll=1.0, brier=0.5):
-    return {"acc": acc, "ece": ece, "nll": nll, "brier": brier}
+    return {"acc": acc, "ece": ece, "nll": nll, "brier": brier, "n_bins": 10}
 
 
 def test_aggregate_mean_and_standard_error(tmp_path):

@@ -21,6 +21,7 @@ from varlora.metrics import (
     confidence_bins,
     expected_calibration_error,
     fpr_at_95_tpr,
+    maximum_calibration_error,
     mutual_information,
     negative_log_likelihood,
     predictive_entropy,
@@ -56,6 +57,10 @@ def test_hand_computed_values():
     assert negative_log_likelihood(P, Y) == pytest.approx(-(math.log(0.7 * 0.9 * 0.3 * 0.5)) / 4)
     assert brier_score(P, Y) == pytest.approx(0.35)
     assert expected_calibration_error(P2, Y2, n_bins=2) == pytest.approx(0.225)
+    # MCE: the worst bin. P: one example per bin, gaps .3 .1 .6 .5 -> .6; P2: bin 0 |0 - .5| = .5,
+    # bin 1 |2 - 2.4| / 3 = .133 -> .5 (the ECE weights that bin by 1/4 and reports .225)
+    assert maximum_calibration_error(P, Y) == pytest.approx(0.6)
+    assert maximum_calibration_error(P2, Y2, n_bins=2) == pytest.approx(0.5)
     assert accuracy(P2, Y2) == pytest.approx(0.5)
 
 
@@ -77,6 +82,19 @@ def test_reliability_bins_edges_and_empty_bins():
     assert r2.count.tolist() == [1, 3]  # 0.5 on the edge -> bin 0, 1.0 -> last bin
     assert r2.confidence.tolist() == pytest.approx([0.5, 0.8])
     assert r2.accuracy.tolist() == pytest.approx([0, 2 / 3]) and r2.ece == pytest.approx(0.225)
+
+
+def test_mce_against_a_loop_over_the_bins():
+    probs, labels = _random_problem()
+    confidence, prediction = probs.max(dim=-1)
+    gaps = []
+    for b in range(15):  # bin b holds confidences in (b/15, (b+1)/15]; 0 goes to the first bin
+        inside = [i for i, c in enumerate(confidence.tolist()) if b / 15 < c <= (b + 1) / 15 or (b == 0 and c == 0)]
+        if inside:
+            right = sum(float(prediction[i] == labels[i]) for i in inside)
+            gaps.append(abs(right - sum(confidence[i].item() for i in inside)) / len(inside))
+    assert maximum_calibration_error(probs, labels, 15) == pytest.approx(max(gaps))
+    assert max(gaps) >= expected_calibration_error(probs, labels, 15)  # a weighted mean of the gaps
 
 
 def test_confidence_bins_pool_tasks_with_different_k():

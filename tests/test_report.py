@@ -3,6 +3,7 @@ on fake run folders with hand-computed values; the OOD and tuning presets."""
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def _fake_run(root, task, variant, seed, rows, method=None, **cost_fields):
     return folder
 
 
-M = {"acc": 50.0, "ece": 10.0, "nll": 1.0, "brier": 0.5}
+M = {"acc": 50.0, "ece": 10.0, "nll": 1.0, "brier": 0.5, "n_bins": 10}
 
 # In distribution (labels 0 1 2 3): confidences .9 .8 .7 .6, predicted classes 0 1 0 3 (the third is wrong).
 #   AURC: by confidence right, right, wrong, right -> risks 0, 0, 1/3, 1/4 -> (7/12) / 4 = 7/48 = 14.58 %
@@ -88,6 +89,17 @@ def test_ood_detection_and_aurc_by_hand(tmp_path):
     assert aurc[("adamw", "arc_easy")] == pytest.approx(100 * (3 + 0.75) / 4)
     assert report.ood_metrics(report.ood_detection(found)) == [
         "auroc_maxprob", "auroc_entropy", "auroc_mi", "fpr95_maxprob", "fpr95_entropy", "fpr95_mi"]
+
+
+def test_mce_from_the_saved_probabilities_with_the_runs_own_bins(tmp_path):
+    """ID's confidences .9 .8 .7 .6 lie in four of 10 bins, right, right, wrong, right: gaps .1 .2 .7 .4, so
+    MCE = 70 %; with 2 bins all four share (.5, 1]: |3 − 3.0| / 4 = 0."""
+    _runs(tmp_path, seeds=(1,))
+    found = [r for r in report.find_runs(tmp_path) if r.label == "adamw" and r.eval_task == "obqa"]
+    [result] = report.with_mce(found)
+    assert result.metrics["mce"] == pytest.approx(70.0) and result.metrics["ece"] == M["ece"]  # the rest kept
+    [two_bins] = report.with_mce([replace(found[0], metrics=M | {"n_bins": 2})])
+    assert two_bins.metrics["mce"] == pytest.approx(0.0)
 
 
 def _block(text: str, header: str) -> list[str]:

@@ -52,7 +52,7 @@ __all__ = ["Preset", "load_preset", "run_configs", "run_experiment", "write_repo
            "in_progress_elsewhere"]
 
 Log = Callable[[str], None]
-METRICS_SHOWN = ("acc", "ece", "nll", "brier")
+METRICS_SHOWN = ("acc", "ece", "mce", "nll", "brier")
 #: the training budget of the cost-matched comparison, × MAP's (the paper: IVON trains at about AdamW's cost)
 CLAIM_BUDGET = 1.1
 
@@ -282,7 +282,8 @@ def write_report(preset: Preset, records: Path, results_dir: Path, sample: RunCo
              and r.folder.parent.name in preset.variants]
     if not found:
         return
-    labelled = [r.in_variant(r.folder.parent.name) for r in found]
+    probs = report.SavedProbs()
+    labelled = report.with_mce([r.in_variant(r.folder.parent.name) for r in found], probs)
     methods = _ordered_labels(labelled, preset)
     tasks = list(preset.tasks)  # every column, so that "average" is over all of them or absent
     table = report.aggregate(labelled, methods, tasks)
@@ -292,7 +293,9 @@ def write_report(preset: Preset, records: Path, results_dir: Path, sample: RunCo
         f"# Experiment `{preset.name}`", "", preset.description, "",
         f"Scoring protocol: **{sample.data.scoring}**. Model: `{sample.model.name}`. "
         f"Seeds with results: {seeds}. Mean ± standard error over the seeds a cell has (no ± for one seed); the "
-        f"average column uses only the seeds that have every task; ECE with {sample.eval.n_bins} bins; "
+        f"average column uses only the seeds that have every task; ECE and MCE with {sample.eval.n_bins} bins "
+        f"(MCE, the largest gap of a non-empty bin, is set by however few examples that bin holds: noisy at these "
+        f"sizes; `reliability.png` shows the bins); "
         f"sampled methods average the probabilities of {sample.eval.n_samples} samples; IVON = τ 1, "
         f"IVON@mean = τ 0. Evaluation examples per task: "
         + ", ".join(f"{t} {n}" for t, n in n_eval) + ".", "",
@@ -310,7 +313,6 @@ def write_report(preset: Preset, records: Path, results_dir: Path, sample: RunCo
                                           CLAIM_BUDGET, basis="training + fit")]
     ood = [r for r in labelled if r.eval_task != r.train_task]
     in_domain = [r for r in labelled if r.eval_task == r.train_task]
-    probs = report.SavedProbs()
     if ood:
         ood_tasks = sorted({r.eval_task for r in ood})
         trained_on = ", ".join(sorted({r.train_task for r in ood}))

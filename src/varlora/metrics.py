@@ -7,6 +7,8 @@ With confidence c_i = max_k p_ik and prediction ŷ_i = argmax_k p_ik (the first 
   = (1/N) Σ_b |Σ_{i∈b} 1[ŷ_i = y_i] − Σ_{i∈b} c_i|, with bin b = 0..M−1 holding the c_i in (b/M, (b+1)/M]:
   a confidence exactly on an edge goes to the lower bin, 1.0 to the last bin (and 0 to the first). Edges
   are compared in float64, so a float32 0.3 (= 0.30000001) falls above the edge 0.3.
+- MCE (maximum calibration error, Naeini et al. 2015) = max_b |acc_b − conf_b| over the non-empty bins of the
+  same binning: the worst bin's gap, which the ECE's weighting by n_b / N can hide
 - NLL = −(1/N) Σ_i log p_{i,y_i} (p clamped at the smallest normal float64, so it stays finite)
 - Brier = (1/N) Σ_i Σ_k (p_ik − 1[y_i = k])² (summed over classes, not divided by K)
 - predictive entropy H(p) = −Σ_k p_k log p_k (0 log 0 = 0)
@@ -30,6 +32,7 @@ and ECE in percent (as the papers do), NLL and Brier as plain numbers.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -48,6 +51,7 @@ __all__ = [
     "confidence_bins",
     "expected_calibration_error",
     "fpr_at_95_tpr",
+    "maximum_calibration_error",
     "mutual_information",
     "negative_log_likelihood",
     "predictive_entropy",
@@ -110,6 +114,11 @@ def accuracy(probs: Any, labels: Any) -> float:
 def expected_calibration_error(probs: Any, labels: Any, n_bins: int = 10) -> float:
     """Top-label ECE with ``n_bins`` equal-width bins, as a fraction in [0, 1]."""
     return reliability_bins(probs, labels, n_bins).ece
+
+
+def maximum_calibration_error(probs: Any, labels: Any, n_bins: int = 10) -> float:
+    """MCE as a fraction: the largest |accuracy − confidence| over the non-empty bins of the ECE's binning."""
+    return reliability_bins(probs, labels, n_bins).mce
 
 
 def negative_log_likelihood(probs: Any, labels: Any) -> float:
@@ -220,17 +229,20 @@ class ReliabilityBins(NamedTuple):
     accuracy: Tensor  # fraction correct, (n_bins,)
     count: Tensor  # examples, (n_bins,) int64
     ece: float  # as a fraction
+    mce: float  # as a fraction
 
 
 def _reliability(sums: Tensor) -> ReliabilityBins:
     count, conf, correct = sums
     n_bins = len(count)
+    filled = count > 0
     return ReliabilityBins(
         edges=torch.arange(n_bins + 1, dtype=torch.float64) / n_bins,
         confidence=conf / count,
         accuracy=correct / count,
         count=count.round().to(torch.long),
         ece=((correct - conf).abs().sum() / count.sum()).item(),
+        mce=((correct - conf)[filled] / count[filled]).abs().max().item() if filled.any() else math.nan,
     )
 
 

@@ -64,7 +64,8 @@ def reliability_diagrams(
         ax.bar(centers, [c - a for a, c in zip(acc, conf, strict=True)], bottom=acc, width=1 / n_bins,
                edgecolor="#C44E52", color="#C44E52", alpha=0.35, label="gap to confidence")
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
-        ax.set_title(f"{method}  (n={len(confidence)})\nECE {100 * bins.ece:.1f}% ({n_bins} bins)", fontsize=10)
+        ax.set_title(f"{method}  (n={len(confidence)})\nECE {100 * bins.ece:.1f}%  MCE {100 * bins.mce:.1f}% "
+                     f"({n_bins} bins)", fontsize=10)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
     for index, ax in enumerate(axes):

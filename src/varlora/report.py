@@ -5,8 +5,9 @@ mean ± standard error (sample std / √n_seeds), as Cong et al. (2024) do in Ta
 
 Beyond the saved metrics, the tables of out-of-distribution detection (:func:`ood_detection`: in-distribution =
 the training task's evaluation set, scored against each other evaluated task), of selective prediction
-(:func:`selective_prediction`: AURC) and of the posterior's scale (:func:`posterior_scale`: σ / |m|) are
-computed from what the run folder saved: the probabilities of every prediction row and ``final/``.
+(:func:`selective_prediction`: AURC), the maximum calibration error (:func:`with_mce`) and the posterior's
+scale (:func:`posterior_scale`: σ / |m|) are computed from what the run folder saved: the probabilities of
+every prediction row and ``final/``.
 """
 
 from __future__ import annotations
@@ -25,17 +26,25 @@ import torch
 
 from varlora import _io, plots
 from varlora.cost import EXACT_KINDS, KINDS_BY_TRUST, UNNAMED_MEMORY_KIND
-from varlora.metrics import accuracy_coverage_curve, aurc, auroc, fpr_at_95_tpr, mutual_information, predictive_entropy
+from varlora.metrics import (
+    accuracy_coverage_curve,
+    aurc,
+    auroc,
+    confidence_bins,
+    fpr_at_95_tpr,
+    mutual_information,
+    predictive_entropy,
+)
 from varlora.run_paths import RunPaths
 
 __all__ = ["RunResult", "find_runs", "aggregate", "markdown_table", "csv_table", "rank_table", "cost_table",
            "training_cost_ratios", "best_within_budget", "write_figures", "ood_detection", "selective_prediction",
-           "posterior_scale", "selected_rows", "OOD_SIGNALS", "SavedProbs"]
+           "with_mce",            "posterior_scale", "selected_rows", "OOD_SIGNALS", "SavedProbs"]
 
-METRICS = ("acc", "ece", "nll", "brier")
+METRICS = ("acc", "ece", "mce", "nll", "brier")
 #: OOD-detection signals, each a score that is higher for more in-distribution examples
 OOD_SIGNALS = {"maxprob": "max prob", "entropy": "−entropy", "mi": "−MI"}
-_LABELS = {"acc": "ACC %", "ece": "ECE %", "nll": "NLL", "brier": "Brier", "aurc": "AURC %",
+_LABELS = {"acc": "ACC %", "ece": "ECE %", "mce": "MCE %", "nll": "NLL", "brier": "Brier", "aurc": "AURC %",
            **{f"auroc_{k}": f"AUROC % ({v})" for k, v in OOD_SIGNALS.items()},
            **{f"fpr95_{k}": f"FPR@95 % ({v})" for k, v in OOD_SIGNALS.items()}}
 
@@ -533,6 +542,17 @@ def selective_prediction(results: Sequence[RunResult], probs: SavedProbs | None 
     from the saved probabilities of its evaluation task."""
     probs = probs or SavedProbs()
     return [replace(r, metrics={"aurc": 100 * aurc(*_confidence_correct(probs.get(r.folder, r.eval_task), r.row))})
+            for r in results]
+
+
+def with_mce(results: Sequence[RunResult], probs: SavedProbs | None = None) -> list[RunResult]:
+    """Every result with its ``mce`` added to its metrics: the maximum calibration error in percent
+    (:func:`~varlora.metrics.maximum_calibration_error`, over the same ``n_bins`` as the run's ECE), from the
+    saved probabilities of its evaluation task. Run records store ACC, ECE, NLL and Brier; the MCE is computed
+    here, so every run has it alike, those recorded before it was reported included."""
+    probs = probs or SavedProbs()
+    return [replace(r, metrics=r.metrics | {"mce": 100 * confidence_bins(
+        *_confidence_correct(probs.get(r.folder, r.eval_task), r.row), n_bins=int(r.metrics["n_bins"])).mce})
             for r in results]
 
 
