@@ -295,7 +295,7 @@ def write_report(preset: Preset, records: Path, results_dir: Path, sample: RunCo
         f"Seeds with results: {seeds}. Mean ± standard error over the seeds a cell has (no ± for one seed); the "
         f"average column uses only the seeds that have every task; ECE and MCE with {sample.eval.n_bins} bins "
         f"(MCE, the largest gap of a non-empty bin, is set by however few examples that bin holds: noisy at these "
-        f"sizes; `reliability.png` shows the bins); "
+        f"sizes; `reliability.png` shows each bin's count); "
         f"sampled methods average the probabilities of {sample.eval.n_samples} samples; IVON = τ 1, "
         f"IVON@mean = τ 0. Evaluation examples per task: "
         + ", ".join(f"{t} {n}" for t, n in n_eval) + ".", "",

@@ -50,7 +50,8 @@ def reliability_diagrams(
 
     ``predictions`` maps a method name to (confidence (N,), correct (N,) bool), so that tasks with
     different numbers of choices can be pooled. Bars are the bins' accuracy, the red part the gap to
-    their mean confidence, and the title gives ECE with its bin count.
+    their mean confidence, the small number above a bar its count of examples (the MCE is the largest gap,
+    however few examples its bin holds), and the title gives ECE and MCE with the number of bins.
     """
     fig, axes, columns = _grid(len(predictions), 3.4, 3.6)
     edges = torch.linspace(0, 1, n_bins + 1)
@@ -63,6 +64,11 @@ def reliability_diagrams(
         ax.bar(centers, acc, width=1 / n_bins, edgecolor="black", color="#4C72B0", label="accuracy")
         ax.bar(centers, [c - a for a, c in zip(acc, conf, strict=True)], bottom=acc, width=1 / n_bins,
                edgecolor="#C44E52", color="#C44E52", alpha=0.35, label="gap to confidence")
+        for x, a, c, count in zip(centers, acc, conf, bins.count.tolist(), strict=True):
+            if count:  # above the bar, or inside its top where the bar reaches the frame (white on the dark bar)
+                top = max(a, c)
+                ax.text(x, min(top, 0.9) + 0.01, str(count), ha="center", va="bottom", fontsize=5.5, rotation=90,
+                        color="white" if a > 0.9 else "black")
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.set_title(f"{method}  (n={len(confidence)})\nECE {100 * bins.ece:.1f}%  MCE {100 * bins.mce:.1f}% "
                      f"({n_bins} bins)", fontsize=10)
