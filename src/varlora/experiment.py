@@ -52,7 +52,6 @@ __all__ = ["Preset", "load_preset", "run_configs", "run_experiment", "write_repo
            "in_progress_elsewhere"]
 
 Log = Callable[[str], None]
-METRICS_SHOWN = ("acc", "ece", "mce", "nll", "brier")
 #: the training budget of the cost-matched comparison, × MAP's (the paper: IVON trains at about AdamW's cost)
 CLAIM_BUDGET = 1.1
 
@@ -301,10 +300,10 @@ def write_report(preset: Preset, records: Path, results_dir: Path, sample: RunCo
         + ", ".join(f"{t} {n}" for t, n in n_eval) + ".", "",
     ]
     ranked = {r.label for r in report.default_rows(labelled)}  # not the τ figure's extra τ values
-    sections = ["## Per task and average", "", report.markdown_table(table, tasks, metrics=METRICS_SHOWN),
+    sections = ["## Per task and average", "", report.markdown_table(table, tasks, metrics=report.METRICS),
                 "## Mean rank across tasks (1 = best; ACC higher is better, the others lower)", "",
                 "Rows of extra τ values (the τ figure's, on one task) are not ranked." if ranked < set(table) else "",
-                report.rank_table(table, tasks, METRICS_SHOWN, [label for label in table if label in ranked]),
+                report.rank_table(table, tasks, report.METRICS, [label for label in table if label in ranked]),
                 "## Cost (means over tasks and seeds)", "", report.cost_table(labelled, methods),
                 f"## Best at ≤ {CLAIM_BUDGET:g}× MAP's training cost", "",
                 report.best_within_budget(table, report.training_cost_ratios(labelled), tasks, CLAIM_BUDGET),
@@ -341,7 +340,8 @@ def write_report(preset: Preset, records: Path, results_dir: Path, sample: RunCo
     _io.write_text(results_dir / "table.md", "\n".join(header) + "\n" + "\n".join(sections) + "\n")
     _io.write_text(results_dir / "table.csv", report.csv_table(table))
     _io.write_text(results_dir / "runs.csv", _runs_csv(labelled))
-    report.write_figures(labelled, results_dir, n_bins=sample.eval.n_bins, order=methods, task_order=tasks)
+    report.write_figures(labelled, results_dir, n_bins=sample.eval.n_bins, order=methods, task_order=tasks,
+                         probs=probs)
 
 
 def _selection_section(preset: Preset, results: Sequence[report.RunResult], table: dict, tasks: Sequence[str],

@@ -39,7 +39,7 @@ from varlora.run_paths import RunPaths
 
 __all__ = ["RunResult", "find_runs", "aggregate", "markdown_table", "csv_table", "rank_table", "cost_table",
            "training_cost_ratios", "best_within_budget", "write_figures", "ood_detection", "selective_prediction",
-           "with_mce",            "posterior_scale", "selected_rows", "OOD_SIGNALS", "SavedProbs"]
+           "with_mce", "posterior_scale", "selected_rows", "OOD_SIGNALS", "SavedProbs"]
 
 METRICS = ("acc", "ece", "mce", "nll", "brier")
 #: OOD-detection signals, each a score that is higher for more in-distribution examples
@@ -204,14 +204,16 @@ def _in_order(keys: Iterable[str], order: Sequence[str] | None) -> list[str]:
 
 
 def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 10,
-                  order: Sequence[str] | None = None, task_order: Sequence[str] | None = None) -> list[Path]:
+                  order: Sequence[str] | None = None, task_order: Sequence[str] | None = None,
+                  probs: SavedProbs | None = None) -> list[Path]:
     """The PNGs: reliability diagrams (pooled over tasks and seeds, one panel per row label), accuracy–coverage
     curves (one panel per task, pooled over seeds), the τ trade-off and accuracy vs training time. ``order``
-    orders the row labels and ``task_order`` the accuracy–coverage panels (default: sorted)."""
+    orders the row labels and ``task_order`` the accuracy–coverage panels (default: sorted); ``probs`` is a
+    cache of the saved probabilities that the caller has already read (default: a new one)."""
     out = Path(out)
     written = []
     in_domain = [r for r in results if r.eval_task == r.train_task]
-    probs = SavedProbs()
+    probs = probs or SavedProbs()
     pooled: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
     per_task: dict[tuple[str, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
     for r in default_rows(in_domain):
