@@ -237,10 +237,11 @@ def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 1
                     panels[task][label] = (coverage, 100 * acc)
         written.append(plots.accuracy_coverage(panels, out / "accuracy_coverage.png", styles=styles,
                                                title="selective prediction by max probability (pooled over seeds)"))
-    curves, baselines, curve_seeds = _tau_curves(in_domain)
+    curves, baselines, curve_seeds, legends = _tau_curves(in_domain, task_order)
     if curves:
         title = f"seeds {sorted(curve_seeds)}: those that evaluated every τ (means over them)"
-        written.append(plots.tau_tradeoff(curves, out / "tau_tradeoff.png", baselines, title=title))
+        written.append(plots.tau_tradeoff(curves, out / "tau_tradeoff.png", baselines, title=title,
+                                          legends=legends))
     time_curves, time_styles, time_panels = {}, {}, {}
     seeds = sorted({r.seed for r in in_domain})
     dashes = ("-", "--", ":", "-.")
@@ -276,16 +277,19 @@ def _row_styles(results: Sequence[RunResult]) -> dict[str, dict]:
     return styles
 
 
-def _tau_curves(results: Sequence[RunResult]) -> tuple[dict[str, list[dict]], dict[str, dict], set[int]]:
-    """Per task (and variant), the metrics at each τ, averaged over the seeds that evaluated every τ of the
-    task (a τ evaluated by one seed only must not be compared with means over several), the MAP method's
-    metrics over the same seeds, and those seeds."""
+def _tau_curves(results: Sequence[RunResult], task_order: Sequence[str] | None = None
+                ) -> tuple[dict[str, list[dict]], dict[str, dict], set[int], dict[str, str]]:
+    """Per task (and variant), in ``task_order`` (default: sorted), the metrics at each τ, averaged over the
+    seeds that evaluated every τ of the task (a τ evaluated by one seed only must not be compared with means
+    over several); the MAP method's metrics over the same seeds, with its row label under ``"label"``; those
+    seeds; and each curve's legend (its variant)."""
     from varlora.methods import get_method
 
     curves: dict[str, list[dict]] = {}
     baselines: dict[str, dict] = {}
+    legends: dict[str, str] = {}
     used: set[int] = set()
-    for task in sorted({r.train_task for r in results}):
+    for task in _in_order({r.train_task for r in results}, task_order):
         rows = [r for r in results if r.train_task == task]
         variants = sorted({r.variant for r in rows if r.tau is not None})
         for variant in variants:
@@ -301,10 +305,12 @@ def _tau_curves(results: Sequence[RunResult]) -> tuple[dict[str, list[dict]], di
             key = task if len(variants) == 1 else f"{task} {variant}"
             curves[key] = [{"tau": t, **{m: statistics.fmean(by_seed[s][t][m] for s in seeds)
                                          for m in ("acc", "nll", "ece")}} for t in sorted(all_taus)]
-            maps = [r.metrics for r in rows if r.method and get_method(r.method).role == "map" and r.seed in seeds]
+            legends[key] = variant
+            maps = [r for r in rows if r.method and get_method(r.method).role == "map" and r.seed in seeds]
             if maps:
-                baselines[key] = {m: statistics.fmean(x[m] for x in maps) for m in ("acc", "nll", "ece")}
-    return curves, baselines, used
+                baselines[key] = {m: statistics.fmean(r.metrics[m] for r in maps) for m in ("acc", "nll", "ece")}
+                baselines[key]["label"] = maps[0].label
+    return curves, baselines, used, legends
 
 
 def rank_table(table: dict, tasks: Sequence[str], metrics: Sequence[str] = ("acc", "ece", "nll"),
