@@ -191,11 +191,12 @@ def test_tau_curves_use_only_the_seeds_that_evaluated_every_tau(tmp_path):
     results = [result("ivon@mean", 1, 60.0), result("ivon[tau=0.5]", 1, 61.0), result("ivon", 1, 62.0),
                result("adamw", 1, 50.0), result("ivon@mean", 2, 70.0), result("ivon", 2, 80.0),
                result("adamw", 2, 90.0)]
-    curves, baselines, seeds, legends = report._tau_curves(results)
+    curves, baselines, seeds, styles = report._tau_curves(results)
     assert seeds == {1}  # seed 2 lacks τ = 0.5: averaging it into τ 0 and 1 only would bend the curve
     assert [(row["tau"], row["acc"]) for row in curves["arc_easy"]] == [(0.0, 60.0), (0.5, 61.0), (1.0, 62.0)]
     assert baselines["arc_easy"]["acc"] == 50.0
-    assert legends == {"arc_easy": "ivon"} and baselines["arc_easy"]["label"] == "adamw"  # names from the runs
+    assert styles == {"arc_easy": {"color": "C0", "label": "ivon"}}  # from the runs and their methods
+    assert (baselines["arc_easy"]["label"], baselines["arc_easy"]["color"]) == ("adamw", "C3")
     both = report._tau_curves([r for r in results if r.label != "ivon[tau=0.5]"])
     assert both[2] == {1, 2} and both[0]["arc_easy"][0]["acc"] == 65.0 and both[1]["arc_easy"]["acc"] == 70.0
     boolq = [replace(r, train_task="boolq", eval_task="boolq") for r in results]

@@ -88,27 +88,29 @@ def reliability_diagrams(
 
 def tau_tradeoff(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path,
                  baselines: Mapping[str, Mapping[str, Any]] | None = None, title: str = "",
-                 legends: Mapping[str, str] | None = None) -> Path:
+                 styles: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """Error (%) against NLL (top row) and against ECE (%) (bottom row) as τ goes 0 → 1, one column per task
     (Cong et al., Fig. 1).
 
-    ``curves[task]`` is a list of metric rows with keys ``tau``, ``acc``, ``nll``, ``ece``, named in the legend
-    by ``legends[task]`` (default: no name); ``baselines[task]`` (optional) is the MAP row (``acc``, ``nll``,
-    ``ece`` and its name under ``label``, default "MAP"), drawn as a cross.
+    ``curves[task]`` is a list of metric rows with keys ``tau``, ``acc``, ``nll``, ``ece``; ``styles[task]``
+    (optional) its ``color`` (default C0) and the ``label`` that names it in the legend (default: none).
+    ``baselines[task]`` (optional) is the MAP row, drawn as a cross: ``acc``, ``nll``, ``ece``, and its
+    ``color`` (default C3) and ``label`` (default "MAP").
     """
     fig, axes = plt.subplots(2, len(curves), figsize=(3.2 * len(curves), 6), squeeze=False)
     for column, (task, rows) in enumerate(curves.items()):
         rows = sorted(rows, key=lambda r: r["tau"])
         error = [100 - r["acc"] for r in rows]
+        style = {"color": "C0", "label": "", **(styles or {}).get(task, {})}
         for ax, key, label in ((axes[0][column], "nll", "NLL"), (axes[1][column], "ece", "ECE (%)")):
-            name = (legends or {}).get(task, "")
-            ax.plot([r[key] for r in rows], error, "-o", color="C0", markersize=4,
-                    label=f"{name}, τ 0→1" if name else "τ 0→1")
+            ax.plot([r[key] for r in rows], error, "-o", color=style["color"], markersize=4,
+                    label=f"{style['label']}, τ 0→1" if style["label"] else "τ 0→1")
             for r, e in zip(rows, error, strict=True):
-                ax.annotate(f"τ={r['tau']:g}", (r[key], e), fontsize=7, color="C0", xytext=(3, 3),
+                ax.annotate(f"τ={r['tau']:g}", (r[key], e), fontsize=7, color=style["color"], xytext=(3, 3),
                             textcoords="offset points")
             if baselines and task in baselines:
-                ax.plot(baselines[task][key], 100 - baselines[task]["acc"], "x", color="C3", markersize=9,
+                ax.plot(baselines[task][key], 100 - baselines[task]["acc"], "x",
+                        color=baselines[task].get("color", "C3"), markersize=9,
                         label=baselines[task].get("label", "MAP"))
             ax.set_xlabel(label)
             ax.grid(alpha=0.3)

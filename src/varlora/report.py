@@ -237,11 +237,11 @@ def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 1
                     panels[task][label] = (coverage, 100 * acc)
         written.append(plots.accuracy_coverage(panels, out / "accuracy_coverage.png", styles=styles,
                                                title="selective prediction by max probability (pooled over seeds)"))
-    curves, baselines, curve_seeds, legends = _tau_curves(in_domain, task_order)
+    curves, baselines, curve_seeds, curve_styles = _tau_curves(in_domain, task_order)
     if curves:
         title = f"seeds {sorted(curve_seeds)}: those that evaluated every τ (means over them)"
         written.append(plots.tau_tradeoff(curves, out / "tau_tradeoff.png", baselines, title=title,
-                                          legends=legends))
+                                          styles=curve_styles))
     time_curves, time_styles, time_panels = {}, {}, {}
     seeds = sorted({r.seed for r in in_domain})
     dashes = ("-", "--", ":", "-.")
@@ -278,25 +278,25 @@ def _row_styles(results: Sequence[RunResult]) -> dict[str, dict]:
 
 
 def _tau_curves(results: Sequence[RunResult], task_order: Sequence[str] | None = None
-                ) -> tuple[dict[str, list[dict]], dict[str, dict], set[int], dict[str, str]]:
+                ) -> tuple[dict[str, list[dict]], dict[str, dict], set[int], dict[str, dict]]:
     """Per task (and variant), in ``task_order`` (default: sorted), the metrics at each τ, averaged over the
     seeds that evaluated every τ of the task (a τ evaluated by one seed only must not be compared with means
-    over several); the MAP method's metrics over the same seeds, with its row label under ``"label"``; those
-    seeds; and each curve's legend (its variant)."""
+    over several); the MAP method's metrics over the same seeds, with its row label and colour (``"label"``,
+    ``"color"``); those seeds; and each curve's style (its method's colour, its variant as the label)."""
     from varlora.methods import get_method
 
     curves: dict[str, list[dict]] = {}
     baselines: dict[str, dict] = {}
-    legends: dict[str, str] = {}
+    styles: dict[str, dict] = {}
     used: set[int] = set()
     for task in _in_order({r.train_task for r in results}, task_order):
         rows = [r for r in results if r.train_task == task]
         variants = sorted({r.variant for r in rows if r.tau is not None})
         for variant in variants:
+            swept = [r for r in rows if r.tau is not None and r.variant == variant]
             by_seed: dict[int, dict[float, dict]] = defaultdict(dict)
-            for r in rows:
-                if r.tau is not None and r.variant == variant:
-                    by_seed[r.seed][r.tau] = r.metrics
+            for r in swept:
+                by_seed[r.seed][r.tau] = r.metrics
             all_taus = {tau for taus in by_seed.values() for tau in taus}
             seeds = {seed for seed, taus in by_seed.items() if set(taus) == all_taus}
             if len(all_taus) < 2:
@@ -305,12 +305,12 @@ def _tau_curves(results: Sequence[RunResult], task_order: Sequence[str] | None =
             key = task if len(variants) == 1 else f"{task} {variant}"
             curves[key] = [{"tau": t, **{m: statistics.fmean(by_seed[s][t][m] for s in seeds)
                                          for m in ("acc", "nll", "ece")}} for t in sorted(all_taus)]
-            legends[key] = variant
+            styles[key] = {"color": _color(swept[0]), "label": variant}
             maps = [r for r in rows if r.method and get_method(r.method).role == "map" and r.seed in seeds]
             if maps:
                 baselines[key] = {m: statistics.fmean(r.metrics[m] for r in maps) for m in ("acc", "nll", "ece")}
-                baselines[key]["label"] = maps[0].label
-    return curves, baselines, used, legends
+                baselines[key].update(label=maps[0].label, color=_color(maps[0]))
+    return curves, baselines, used, styles
 
 
 def rank_table(table: dict, tasks: Sequence[str], metrics: Sequence[str] = ("acc", "ece", "nll"),
