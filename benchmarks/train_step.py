@@ -15,6 +15,7 @@ AdamW's, so these three methods cover every training cost of the harness.
 
     python benchmarks/train_step.py [--model PATH | --shape llama-2-7b [--layers N]] [--device cuda]
                                     [--dtype bfloat16] [--steps 12] [--warmup 2] [--methods adamw ivon blob]
+                                    [--lora-r 16 --targets all-linear]
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _config(args: argparse.Namespace, method: str) -> RunConfig:
     variant = load_preset("cpu").variants.get(method, {})
     return RunConfig.from_dict({
         "model": {"name": args.model, "dtype": args.dtype},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+        "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.1, "target_modules": args.targets},
         "data": {"task": args.task, "scoring": args.scoring, "train_limit": 4 * (args.steps + args.warmup),
                  "eval_limit": 1, "max_length": 256, "data_dir": args.data_dir},
         "method": {"name": method},
@@ -115,6 +116,9 @@ def main() -> None:
                         help="the task's release files (default: ../shared/data where it exists; with --shape "
                              "and none, the demo's packaged ARC-Easy questions; else the hub)")
     parser.add_argument("--scoring", default="cloze", choices=["cloze", "letter"])
+    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2 r, as r 8 / alpha 16)")
+    parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"],
+                        help="LoRA target modules (`all-linear` for every linear layer but the head)")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=["adamw", "ivon", "blob"],
@@ -135,7 +139,8 @@ def main() -> None:
         memory[name] = json.loads(out.strip().splitlines()[-1])
     model = args.model if args.shape is None else describe(random_model(args.shape, args.layers, args.dtype, "meta"),
                                                                       args.shape)
-    print(f"train step, {model}, LoRA r8 q,v, batch 4 {args.task} ({args.scoring}), {device_name(args.device)}, "
+    targets = ",".join(args.targets)
+    print(f"train step, {model}, LoRA r{args.lora_r} {targets}, batch 4 {args.task} ({args.scoring}), {device_name(args.device)}, "
           f"{args.steps} interleaved steps each after {args.warmup} warm-up")
     print(f"{'':8}{'median s/step':>14}{'min s/step':>12}{'opt. state MB':>15}{'extra MB':>10}{'peak MB':>10}")
     for name in args.methods:
