@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import SHARED_DATA, SHARED_MODEL, requires_shared, tiny_letter_tokenizer, tiny_llama
-from varlora.scoring import AnswerTokenError, ClozeScorer, LetterScorer, make_scorer
+from varlora.scoring import (
+    AnswerTokenError,
+    ClozeScorer,
+    LetterScorer,
+    UnscorableDataError,
+    UnscorableError,
+    make_scorer,
+)
 from varlora.tasks import TEMPLATES, Example, PromptTemplate, Task, get_task, jsonl_task
 
 
@@ -251,6 +262,142 @@ def test_scorer_argument_errors(letter_tokenizer):
         make_scorer("letter", letter_tokenizer, WINO_TASK).collate(MC[:1])
 
 
+# ---- tokenising once per run (Scorer.prepare) ----
+
+DATA = Path(__file__).parent / "data"
+LONG = Example("long", "Which of these is a mammal? " * 20, ("a whale", "a shark", "a trout", "a frog"), 0)
+# The batches tests/data/scoring_batches_tiny.safetensors holds, written by Scorer.collate as it was before
+# prepare() existed (it tokenised every example at every call; varlora d2e7fc9): name -> (mode, add_bos, task,
+# examples, max_length, extra scorer options). Left cuts after a BOS, passage shortening, shared and per-pair
+# cloze contexts are all in it.
+GOLDEN_CASES = {
+    "letter-mc": ("letter", False, MC_TASK, MC + [LONG], 512, {}),
+    "letter-mc-bos-40": ("letter", True, MC_TASK, MC + [LONG], 40, {}),
+    "letter-boolq-60": ("letter", False, BOOLQ_TASK, BOOLQ, 60, {}),
+    "letter-wino": ("letter", False, WINO_TASK, WINO, 512, {}),
+    "cloze-mc": ("cloze", False, MC_TASK, MC + [LONG], 512, {}),
+    "cloze-mc-bos-40": ("cloze", True, MC_TASK, MC + [LONG], 40, {}),
+    "cloze-mc-pairs": ("cloze", False, MC_TASK, MC, 512, {"share_prefix": False}),
+    "cloze-boolq-60": ("cloze", False, BOOLQ_TASK, BOOLQ, 60, {}),
+    "cloze-wino": ("cloze", False, WINO_TASK, WINO, 512, {}),
+}
+
+
+def _golden(path: Path, case: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    return {k.split("/", 1)[1]: v.long() if v.dtype == torch.int32 else v
+            for k, v in saved.items() if k.startswith(f"{case}/")}
+
+
+def _assert_same_batch(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for key in got:
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+
+
+@pytest.mark.parametrize("case", list(GOLDEN_CASES))
+def test_prepared_batches_and_scores_equal_the_per_step_tokenisation(case):
+    """Tokenised once by prepare(), a batch holds exactly the tokens the per-step path gave, so its scores are
+    bit-identical; an example prepare() never saw is encoded on the fly, to the same tokens."""
+    mode, add_bos, task, examples, max_length, options = GOLDEN_CASES[case]
+    tok = tiny_letter_tokenizer(add_bos=add_bos)
+    expected = _golden(DATA / "scoring_batches_tiny.safetensors", case)
+    scorer = make_scorer(mode, tok, task, max_length=max_length, **options)
+    scorer.prepare(examples, "train")
+    calls = []
+    tok_call = type(tok).__call__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(tok), "__call__", lambda self, *a, **k: calls.append(a) or tok_call(self, *a, **k))
+        batch = scorer.collate(examples)
+    assert not calls  # collate read the prepared tokens
+    _assert_same_batch(batch, expected)
+    _assert_same_batch(make_scorer(mode, tok, task, max_length=max_length, **options).collate(examples), expected)
+    model = tiny_llama(0)
+    with torch.no_grad():
+        assert torch.equal(scorer.choice_logits(model, batch), scorer.choice_logits(model, expected))
+
+
+@pytest.mark.parametrize("mode", ["letter", "cloze"])
+def test_truncation_report_counts_the_tokens_cut(mode):
+    """Each truncated example's count equals its full encoding's length (max_length large enough for all)
+    less the length fitted to max_length; untruncated examples are not counted."""
+    tok = tiny_letter_tokenizer(add_bos=True)
+    examples, max_length = MC + [LONG], 40
+    report = make_scorer(mode, tok, MC_TASK, max_length=max_length).prepare(examples, "train")
+    full, fitted = make_scorer(mode, tok, MC_TASK, max_length=10_000), make_scorer(mode, tok, MC_TASK, max_length)
+
+    def prompt_lengths(scorer, ex):
+        encoded = scorer.encode(ex)
+        return [len(encoded[0])] if mode == "letter" else [len(ctx) for ctx, _ in encoded]
+
+    expected = tuple(cut for ex in examples
+                     if (cut := max(a - b for a, b in zip(prompt_lengths(full, ex), prompt_lengths(fitted, ex),
+                                                          strict=True))) > 0)
+    assert report.n_examples == 4 and report.max_length == 40 and len(expected) >= 1 and min(expected) > 0
+    assert report.tokens_cut == expected
+    record = report.to_dict()
+    assert record == {"examples": 4, "max_length": 40, "truncated": len(expected),
+                      "tokens_cut": {"total": sum(expected), "mean": statistics.fmean(expected),
+                                     "median": statistics.median(expected), "max": max(expected)}}
+    assert json.loads(json.dumps(record)) == record
+    assert report.describe().startswith(f"train: {len(expected)} of 4 examples truncated to max_length 40, by ")
+    untouched = make_scorer(mode, tok, MC_TASK, max_length=512).prepare(MC, "validation")
+    assert untouched.tokens_cut == () and untouched.describe() == "validation: 3 examples, none truncated " \
+        "(max_length 512)"
+
+
+def _stripping_tokenizer():
+    """The tiny letter tokenizer with a Strip normaliser: a continuation of only spaces encodes to no tokens."""
+    from tokenizers import normalizers
+
+    tok = tiny_letter_tokenizer()
+    tok.backend_tokenizer.normalizer = normalizers.Strip()
+    return tok
+
+
+def test_unscorable_rows_of_a_jsonl_file_are_all_listed_with_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    rows = [
+        {"question": "Which is a mammal?", "choices": ["a whale", "a shark"], "answer": 0},
+        {"question": "Pick the empty one", "choices": ["something", ""], "answer": 1},
+        {"question": "Which is red?", "choices": ["red", "blue"], "answer": "A"},
+        {"question": "Too long?", "choices": ["word " * 30, "b"], "answer": 1},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = jsonl_task(train=path)
+    examples = task.load("train")
+    assert [(ex.source, ex.line) for ex in examples] == [(str(path), i) for i in range(1, 5)]
+    scorer = make_scorer("cloze", _stripping_tokenizer(), task, max_length=20)
+    with pytest.raises(UnscorableDataError) as info:
+        scorer.prepare(examples, "train")
+    err = info.value
+    assert [(e.example.line, type(e)) for e in err.errors] == [(2, UnscorableError), (4, UnscorableError)]
+    lines = str(err).splitlines()
+    assert lines[0] == "2 of the 4 rows of train cannot be scored (cloze scoring, max_length 20); fix or remove them:"
+    assert lines[1] == (f"  {path}, line 2 (example 'train-2'): the continuation of choice 1 (' ') encodes to no "
+                        "tokens, so it has no likelihood to score")
+    assert re.fullmatch(rf"  {re.escape(str(path))}, line 4 \(example 'train-4'\): the continuation of choice 0 "
+                        r"\(' word word word word'\.\.\.' word word word word'\) is \d+ tokens long and leaves no "
+                        r"room for its context within max_length = 20", lines[2]), lines[2]
+    assert len(lines) == 3
+
+
+def test_unscorable_rows_beyond_twenty_are_counted(tmp_path, tokenizer):
+    """The plain tiny tokenizer splits " A" in two: no row can use the letter protocol; 20 are listed."""
+    path = tmp_path / "validation.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Q{i}?", "choices": ["x", "y"], "answer": 0}) + "\n"
+                            for i in range(25)))
+    task = jsonl_task(validation=path)
+    with pytest.raises(UnscorableDataError) as info:
+        make_scorer("letter", tokenizer, task).prepare(task.load("validation"), "validation")
+    lines = str(info.value).splitlines()
+    assert len(info.value.errors) == 25 and all(isinstance(e, AnswerTokenError) for e in info.value.errors)
+    assert len(lines) == 22 and lines[-1] == "  ... and 5 more"
+    assert lines[1].startswith(f"  {path}, line 1 (example 'validation-1'): answer ' A' is not exactly one token")
+
+
 # ---- real model and data (../shared) ----
 
 
@@ -274,6 +421,23 @@ def test_real_letter_answers_are_single_tokens(smollm):
     assert answers == tok.convert_tokens_to_ids(["ĠA", "ĠB", "ĠC", "ĠD"])
     ids, answers = LetterScorer(tok, boolq).encode(boolq.load("validation", SHARED_DATA, limit=1)[0])
     assert answers == tok.convert_tokens_to_ids(["ĠTrue", "ĠFalse"]) and len(ids) <= 512
+
+
+@pytest.mark.real
+@requires_shared
+@pytest.mark.parametrize("mode", ["letter", "cloze"])
+def test_real_prepared_batches_equal_the_per_step_tokenisation(smollm, mode):
+    """tests/data/scoring_batches_smollm.safetensors: the per-step path's batches (varlora d2e7fc9) of the first
+    validation examples of three tasks with SmolLM2's tokenizer at max_length 128 (BoolQ passages shortened)."""
+    _, tok = smollm
+    for task_name, n in (("boolq", 6), ("arc_easy", 6), ("winogrande_s", 4)):
+        task = get_task(task_name)
+        examples = task.load("validation", SHARED_DATA, limit=n)
+        scorer = make_scorer(mode, tok, task, max_length=128)
+        report = scorer.prepare(examples, "validation")
+        assert (len(report.tokens_cut) > 0) == (task_name == "boolq")
+        _assert_same_batch(scorer.collate(examples),
+                           _golden(DATA / "scoring_batches_smollm.safetensors", f"{task_name}-{mode}-128"))
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -123,6 +124,79 @@ def test_a_different_config_in_the_same_folder_is_refused(assets, tmp_path):
     # the IVON section cannot affect an AdamW run: changing it is not a different run
     other_ivon = RunConfig.from_dict(first.to_dict() | {"ivon": {"beta2": 0.5}})
     assert train_run(other_ivon, tmp_path, log=lambda _: None) == summary
+
+
+def test_truncation_of_every_split_is_logged_and_recorded(assets, tmp_path):
+    """summary.json's ``truncation``, per split, equals an oracle: each example's full encoding (max_length
+    large enough for all) less the one fitted to max_length; the log has one line per split."""
+    from varlora.scoring import make_scorer
+    from varlora.tasks import get_task
+
+    ood = f"jsonl:validation={write_colour_data(tmp_path, 6, seed=4)}"
+    config = RunConfig.from_dict(_config(assets, "adamw", steps=1, eval_every=0).to_dict()
+                                 | {"data": {"task": assets["task"], "scoring": "cloze", "max_length": 26,
+                                             "train_limit": 40},
+                                    "eval": {"ood_tasks": [ood], "batch_size": 5}})
+    messages: list[str] = []
+    summary = train_run(config, tmp_path / "run", log=messages.append)
+
+    def oracle(task_name: str, examples) -> dict:
+        full, fitted = (make_scorer("cloze", _tokenizer(assets), get_task(task_name), max_length=n)
+                        for n in (10**4, 26))
+        cuts = [c for ex in examples if (c := max(len(a) - len(b) for (a, _), (b, _) in
+                                                   zip(full.encode(ex), fitted.encode(ex), strict=True)))]
+        return {"examples": len(examples), "max_length": 26, "truncated": len(cuts),
+                "tokens_cut": {"total": sum(cuts), "mean": statistics.fmean(cuts), "median": statistics.median(cuts),
+                               "max": max(cuts)}}
+
+    task = get_task(assets["task"])
+    pool = task.load("train")
+    train = task.load("train", limit=40, seed=3)
+    unused = [ex for ex in pool if ex not in train]
+    expected = {"train": oracle(assets["task"], train), "validation": oracle(assets["task"], task.load("validation")),
+                "unused train": oracle(assets["task"], unused),
+                f"{ood} validation": oracle(ood, get_task(ood).load("validation"))}
+    assert summary["truncation"] == expected
+    assert all(record["truncated"] > 0 for record in expected.values())
+    for label in ("train", "validation", "unused train"):
+        record = expected[label]
+        line = (f"{assets['task']} {label}: {record['truncated']} of {record['examples']} examples truncated to "
+                f"max_length 26, by {record['tokens_cut']['mean']:.1f} tokens on average (median ")
+        assert sum(m.startswith(line) for m in messages) == 1, line
+
+
+def _tokenizer(assets):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(assets["model"])
+
+
+def test_unscorable_rows_stop_the_run_before_its_first_step(assets, tmp_path, capsys):
+    """A jsonl file with two rows whose answer is longer than max_length: the run stops in setup, listing both
+    rows by file and line, and writes no step."""
+    bad = tmp_path / "bad.jsonl"
+    train_file, val_file = re.fullmatch(r"jsonl:train=(.*),validation=(.*)", assets["task"]).groups()
+    rows = [json.loads(line) for line in Path(train_file).read_text().splitlines()]
+    rows[1]["choices"][2] = "red " * 40
+    rows[4]["choices"][0] = "blue " * 40
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    argv = ["train", "--run-dir", str(run), "--model.name", assets["model"], "--data.task",
+            f"jsonl:train={bad},validation={val_file}", "--data.max_length", "32",
+            "--lora.r", "4", "--method.name", "adamw", "--train.steps", "2", "--train.eval_every", "0"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("varlora train: error: "))
+    err = [lines[first], *(line for line in lines[first + 1 :] if line.startswith("  "))]
+    assert err[0].startswith("varlora train: error: 2 of the 48 rows of jsonl:train=") and err[0].endswith(
+        " train cannot be scored (cloze scoring, max_length 32); fix or remove them:")
+    assert err[1].startswith(f"  {bad}, line 2 (example 's1q1'): the continuation of choice 2 (' red red")
+    assert err[2].startswith(f"  {bad}, line 5 (example 's1q4'): the continuation of choice 0 (' blue blue")
+    assert all("leaves no room for its context within max_length = 32" in line for line in err[1:3])
+    assert len(err) == 3
+    assert not RunPaths(run).metrics.exists() and not (run / "final").exists()
+    assert not list(run.glob("checkpoint*"))
 
 
 def _train_command(assets, run: Path, steps: int) -> list[str]:

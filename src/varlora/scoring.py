@@ -18,12 +18,21 @@ positions that predict a scored token (``logits_to_keep``).
 Too-long inputs: a reading passage is shortened from its end first (the question and the answer cue stay);
 whatever is still too long is cut from the left of the prompt / context, after the BOS token if the
 tokenizer adds one. The answer cue and the continuations are never cut.
+
+A run tokenises each split once, before training (:meth:`Scorer.prepare`): every example is encoded and
+checked, the rows that cannot be scored (a continuation that encodes to no tokens or leaves no room for its
+context, an answer that is not one token) are all reported together with their file and line
+(:class:`UnscorableDataError`), and the :class:`TruncationReport` says how many examples lost tokens to
+``max_length`` and how many. ``collate`` then reads the prepared encodings; other examples are encoded when
+they are collated, identically.
 """
 
 from __future__ import annotations
 
+import statistics
 from abc import ABC, abstractmethod
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -32,14 +41,74 @@ from torch import Tensor
 
 from varlora.tasks import Example, Task
 
-__all__ = ["AnswerTokenError", "ClozeScorer", "LetterScorer", "Mode", "Scorer", "make_scorer"]
+__all__ = ["AnswerTokenError", "ClozeScorer", "LetterScorer", "Mode", "Scorer", "TruncationReport",
+           "UnscorableDataError", "UnscorableError", "make_scorer"]
 
 Mode = Literal["letter", "cloze"]
 _SHORTEN_TRIES = 3  # re-tokenising a shortened passage can shift a token at its edges: retry, then cut
+_LISTED = 20  # rows an UnscorableDataError spells out; the rest are counted
 
 
-class AnswerTokenError(ValueError):
+class UnscorableError(ValueError):
+    """An example the scorer cannot score. The message names the row's file and line (its id where the example
+    was not read from a file) and the reason."""
+
+    def __init__(self, example: Example, reason: str, field: str | None = None) -> None:
+        self.example, self.reason, self.field = example, reason, field
+        where = f"example {example.id!r}" if example.source is None else \
+            f"{example.source}, line {example.line} (example {example.id!r})"
+        super().__init__(where + (f", field {field!r}" if field else "") + f": {reason}")
+
+
+class AnswerTokenError(UnscorableError):
     """An answer string does not encode to exactly one token after its prompt."""
+
+
+class UnscorableDataError(ValueError):
+    """Every row of a split that cannot be scored (``errors``, the first ones listed in the message), found
+    before training starts rather than at the step that first draws one."""
+
+    def __init__(self, split: str, errors: list[UnscorableError], n_examples: int, protocol: str) -> None:
+        self.split, self.errors = split, errors
+        listed = "".join(f"\n  {err}" for err in errors[:_LISTED])
+        more = f"\n  ... and {len(errors) - _LISTED} more" if len(errors) > _LISTED else ""
+        super().__init__(f"{len(errors)} of the {n_examples} rows of {split} cannot be scored ({protocol}); fix "
+                         f"or remove them:{listed}{more}")
+
+
+@dataclass(frozen=True)
+class TruncationReport:
+    """How many examples of a split were cut to fit ``max_length``, and by how much.
+
+    ``tokens_cut`` holds, per truncated example in split order, the number of tokens its prompt (cloze: its
+    longest-cut context) lost: the length of the full encoding less the length the model reads.
+    """
+
+    split: str
+    n_examples: int
+    max_length: int
+    tokens_cut: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record kept in a run's summary.json."""
+        cut = self.tokens_cut
+        return {"examples": self.n_examples, "max_length": self.max_length, "truncated": len(cut),
+                "tokens_cut": {"total": sum(cut), "mean": statistics.fmean(cut) if cut else 0.0,
+                               "median": statistics.median(cut) if cut else 0, "max": max(cut, default=0)}}
+
+    def describe(self) -> str:
+        """One line for the run's log."""
+        cut = self.tokens_cut
+        if not cut:
+            return f"{self.split}: {self.n_examples} examples, none truncated (max_length {self.max_length})"
+        return (f"{self.split}: {len(cut)} of {self.n_examples} examples truncated to max_length {self.max_length}, "
+                f"by {statistics.fmean(cut):.1f} tokens on average (median {statistics.median(cut):g}, "
+                f"max {max(cut)}, total {sum(cut)})")
+
+
+def _clip(text: str, n: int = 40) -> str:
+    """``repr(text)``, its middle elided past ``n`` characters (error messages quote a row's text)."""
+    return repr(text) if len(text) <= n else f"{text[: n // 2]!r}...{text[-n // 2 :]!r}"
 
 
 def _positions(mask: Tensor) -> Tensor:
@@ -88,6 +157,7 @@ class Scorer(ABC):
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         self.tokenizer, self.task, self.max_length = tokenizer, task, max_length
+        self._prepared: dict[Example, tuple[Any, int]] = {}  # example -> (encoding, tokens cut), by prepare()
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
         full = tokenizer("a")["input_ids"]
         starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
@@ -103,6 +173,39 @@ class Scorer(ABC):
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
+    def prepare(self, examples: Sequence[Example], split: str) -> TruncationReport:
+        """Tokenise ``examples`` once for the run and check that every one can be scored.
+
+        The encodings are kept: :meth:`encode` and :meth:`collate` read them instead of tokenising again.
+        Raises :class:`UnscorableDataError` listing every row that cannot be scored (``split`` names the rows'
+        set in its message); returns the split's :class:`TruncationReport`.
+        """
+        errors, cuts = [], []
+        for ex in examples:
+            if ex not in self._prepared:
+                try:
+                    self._check_choice_count(ex)
+                    self._prepared[ex] = self._fit(ex)
+                except UnscorableError as err:
+                    errors.append(err)
+                    continue
+            cuts.append(self._prepared[ex][1])
+        if errors:
+            raise UnscorableDataError(split, errors, len(examples), f"{self.mode} scoring, max_length "
+                                      f"{self.max_length}")
+        return TruncationReport(split, len(examples), self.max_length, tuple(c for c in cuts if c))
+
+    def encode(self, example: Example) -> Any:
+        """The tokens of ``example`` fitted to ``max_length`` (letter: (prompt ids, one answer id per choice);
+        cloze: [(context ids, continuation ids)] per choice): the ones :meth:`prepare` made, else encoded now."""
+        prepared = self._prepared.get(example)
+        return prepared[0] if prepared is not None else self._fit(example)[0]
+
+    @abstractmethod
+    def _fit(self, example: Example) -> tuple[Any, int]:
+        """(:meth:`encode`'s value, the number of tokens truncation cut from it); raises
+        :class:`UnscorableError` for an example that cannot be scored."""
+
     def _shorten_passage(self, example: Example, n_tokens: int) -> Example:
         """The example with ``n_tokens`` fewer tokens at the end of its passage."""
         ids = self._encode([example.passage or ""])[0]
@@ -112,11 +215,12 @@ class Scorer(ABC):
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
         for ex in examples:
-            if len(ex.choices) > self.num_choices:
-                raise ValueError(
-                    f"example {ex.id!r} has {len(ex.choices)} choices, more than {self.task.name}'s "
-                    f"num_choices = {self.num_choices}"
-                )
+            self._check_choice_count(ex)
+
+    def _check_choice_count(self, example: Example) -> None:
+        if len(example.choices) > self.num_choices:
+            raise UnscorableError(example, f"{len(example.choices)} choices, more than {self.task.name}'s "
+                                  f"num_choices = {self.num_choices}", "choices")
 
     @staticmethod
     def _labels(examples: list[Example]) -> Tensor:
@@ -138,26 +242,30 @@ class LetterScorer(Scorer):
 
     mode = "letter"
 
-    def encode(self, example: Example) -> tuple[list[int], list[int]]:
-        """(prompt token ids, one answer token id per choice), fitted to ``max_length``."""
+    def _fit(self, example: Example) -> tuple[tuple[list[int], list[int]], int]:
+        """(prompt token ids, one answer token id per choice), fitted to ``max_length``; tokens cut."""
         budget = self.max_length - len(self.prefix)
         prompt, answers = self.task.letter_prompt(example)
         ids = self._encode([prompt])[0]
+        full = len(ids)
         for _ in range(_SHORTEN_TRIES):
             if len(ids) <= budget or not example.passage:
                 break
             example = self._shorten_passage(example, len(ids) - budget)
             prompt, answers = self.task.letter_prompt(example)
             ids = self._encode([prompt])[0]
-        return self.prefix + ids[-budget:], self._answer_ids(prompt, ids, answers)
+        kept = ids[-budget:]
+        return (self.prefix + kept, self._answer_ids(example, prompt, ids, answers)), full - len(kept)
 
-    def _answer_ids(self, prompt: str, prompt_ids: list[int], answers: tuple[str, ...]) -> list[int]:
+    def _answer_ids(self, example: Example, prompt: str, prompt_ids: list[int],
+                    answers: tuple[str, ...]) -> list[int]:
         """The one token each answer adds when appended to the prompt: encode(prompt + answer)[-1]."""
         out = []
         for answer, ids in zip(answers, self._encode([prompt + a for a in answers]), strict=True):
             if ids[: len(prompt_ids)] != prompt_ids or len(ids) != len(prompt_ids) + 1:
                 extra = self.tokenizer.convert_ids_to_tokens(ids[len(prompt_ids) - 1 :])
                 raise AnswerTokenError(
+                    example,
                     f"answer {answer!r} is not exactly one token after the prompt (...{prompt[-20:]!r}): the "
                     f"prompt's last token and the answer encode to {extra}. The letter protocol needs "
                     "single-token answers; use the cloze protocol with this tokenizer."
@@ -216,14 +324,15 @@ class ClozeScorer(Scorer):
         super().__init__(tokenizer, task, max_length)
         self.length_normalize, self.share_prefix = length_normalize, share_prefix
 
-    def encode(self, example: Example) -> list[tuple[list[int], list[int]]]:
+    def _fit(self, example: Example) -> tuple[list[tuple[list[int], list[int]]], int]:
         """(context ids, continuation ids) per choice, contexts fitted to ``max_length`` minus the longest
-        continuation.
+        continuation; tokens cut.
 
         A continuation is split off the joint encoding of context + continuation when that starts with the
         context's encoding (as lm-eval-harness does; it keeps SentencePiece spaces right), else encoded alone.
         """
         pairs = self._encode_pairs(self.task.cloze_pairs(example), example)
+        full = [len(ctx) for ctx, _ in pairs]
         for _ in range(_SHORTEN_TRIES):
             excess = max(len(ctx) for ctx, _ in pairs) - self._context_budget(pairs, example)
             if excess <= 0 or not example.passage:
@@ -231,15 +340,18 @@ class ClozeScorer(Scorer):
             example = self._shorten_passage(example, excess)
             pairs = self._encode_pairs(self.task.cloze_pairs(example), example)
         budget = self._context_budget(pairs, example)
-        return [(self.prefix + ctx[-budget:], cont) for ctx, cont in pairs]
+        cut = max(n - len(ctx[-budget:]) for n, (ctx, _) in zip(full, pairs, strict=True))
+        return [(self.prefix + ctx[-budget:], cont) for ctx, cont in pairs], cut
 
     def _context_budget(self, pairs: list[tuple[list[int], list[int]]], example: Example) -> int:
-        longest = max(len(cont) for _, cont in pairs)
+        k = max(range(len(pairs)), key=lambda i: len(pairs[i][1]))
+        longest = len(pairs[k][1])
         budget = self.max_length - len(self.prefix) - longest
         if budget < 1:
-            raise ValueError(
-                f"example {example.id!r}: a continuation of {longest} tokens leaves no room for its context "
-                f"within max_length = {self.max_length}"
+            raise UnscorableError(
+                example,
+                f"the continuation of choice {k} ({_clip(self.tokenizer.decode(pairs[k][1]))}) is {longest} tokens "
+                f"long and leaves no room for its context within max_length = {self.max_length}",
             )
         return budget
 
@@ -257,7 +369,8 @@ class ClozeScorer(Scorer):
             else:
                 cont_ids = self._encode([cont])[0]
             if not cont_ids:
-                raise ValueError(f"example {example.id!r}: continuation {cont!r} encodes to no tokens")
+                raise UnscorableError(example, f"the continuation of choice {len(out)} ({_clip(cont)}) encodes to "
+                                      "no tokens, so it has no likelihood to score")
             out.append((ids, cont_ids))
         return out
 

@@ -8,6 +8,10 @@
   every run and seed), or, in tuning mode (``data.holdout = N``), N training examples chosen with seed 0;
 - :meth:`Session.heldout_train_examples`: training-split examples that are neither trained on nor evaluated,
   for what a post-hoc method fits (a temperature, TFB's anchor set). Evaluation data is never among them.
+
+All three are tokenised and checked by the scorer when the session is set up, before any training step
+(:meth:`varlora.scoring.Scorer.prepare`): a row that cannot be scored stops the run there, named by file and
+line, and ``Session.truncation`` says how many examples of each were cut to ``data.max_length``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from varlora.config import ConfigError, RunConfig
 from varlora.models import attach_lora, load_base_model, load_tokenizer, lora_parameters, prepare_base_model
 from varlora.run_paths import RunPaths
 from varlora.schedule import batch_indices
-from varlora.scoring import make_scorer
+from varlora.scoring import Scorer, TruncationReport, make_scorer
 from varlora.tasks import Example, Task, get_task, subsample
 
 if TYPE_CHECKING:
@@ -47,6 +51,22 @@ class Session:
     train_examples: list[Example]
     val_examples: list[Example]
     unused_train_examples: list[Example] = field(default_factory=list)
+    truncation: dict[str, TruncationReport] = field(default_factory=dict)  # "train", "validation", ... -> report
+    _eval_splits: dict[str, tuple[list[Example], Scorer]] = field(default_factory=dict, repr=False)
+
+    def eval_split(self, task_name: str) -> tuple[list[Example], Scorer]:
+        """The evaluation examples of ``task_name`` and its scorer: ``val_examples`` for the run's task; for
+        another task (out of distribution) its validation split (``data.eval_limit`` examples, seed 0), tokenised
+        and checked once, on first use, its truncation added to ``truncation`` as ``"<task> validation"``."""
+        if task_name == self.config.data.task:
+            return self.val_examples, self.scorer
+        if task_name not in self._eval_splits:
+            d, task = self.config.data, get_task(task_name)
+            examples = task.load("validation", data_dir=d.data_dir, limit=d.eval_limit, seed=0)
+            scorer = scorer_for(self.config, self.tokenizer, task)
+            self.truncation[f"{task_name} validation"] = scorer.prepare(examples, f"{task_name} validation")
+            self._eval_splits[task_name] = examples, scorer
+        return self._eval_splits[task_name]
 
     def batch(self, step: int, seed_offset: int = 0) -> list[Example]:
         """The training examples of ``step``: a seeded permutation per epoch (``train.seed + seed_offset``)."""
@@ -96,11 +116,15 @@ def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True, ne
         return Session(config, paths, model, lora_parameters(model), tokenizer, None, [], [], [])
     task = get_task(config.data.task)
     train_examples, val_examples, unused = load_splits(task, config, need_train=need_train)
-    return Session(config, paths, model, lora_parameters(model), tokenizer, scorer_for(config, tokenizer, task),
-                   train_examples, val_examples, unused)
+    scorer = scorer_for(config, tokenizer, task)
+    splits = {"train": train_examples, "validation": val_examples, "unused train": unused}
+    truncation = {label: scorer.prepare(examples, f"{task.name} {label}") for label, examples in splits.items()
+                  if examples}
+    return Session(config, paths, model, lora_parameters(model), tokenizer, scorer, train_examples, val_examples,
+                   unused, truncation)
 
 
-def scorer_for(config: RunConfig, tokenizer, task: Task):
+def scorer_for(config: RunConfig, tokenizer, task: Task) -> Scorer:
     """The scorer of ``task`` with the run's scoring protocol."""
     d = config.data
     return make_scorer(d.scoring, tokenizer, task, max_length=d.max_length, length_normalize=d.length_normalize)

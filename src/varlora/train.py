@@ -12,13 +12,17 @@ A run folder holds::
                                 the evaluation's seconds and peak memory, and the fingerprint of the posterior
                                 and config it was made with
     eval/<task>.probs.safetensors   the probabilities of each row, per sample where it samples
-    summary.json                written last: the run's results and cost; a finished run is only re-read
+    summary.json                written last: the run's results and cost, and how many examples of each split
+                                ``data.max_length`` truncated (and by how many tokens); a finished run is only re-read
 
 Running the same command again continues a killed run: from its checkpoint while training, from ``final/``
 after it (the post-hoc fit is not redone; an evaluation task whose ``eval/<task>.json`` carries this ``final/``'s
 and config's fingerprint is read, not redone), and does nothing more for a finished one. A post-hoc method
 (``posthoc_of``) may take its trained adapter from a finished run of that method (``reuse``), whose config
 must then equal this run's apart from the method.
+
+Every split the run reads (training, evaluation, out-of-distribution) is tokenised once and checked before the
+first step: rows the scorer cannot score stop the run there, each named by file and line with its reason.
 
 Faults: a non-finite training loss stops the run with FloatingPointError naming the step (the last checkpoint
 is kept); a write that fails (disk full) raises :class:`~varlora.checkpoint.SaveError` naming the file, the
@@ -47,8 +51,7 @@ from varlora.cost import UNNAMED_MEMORY_KIND, PeakMemory, weakest
 from varlora.evaluate import finish
 from varlora.methods import Method, Prediction, build_method, get_method
 from varlora.run_paths import RunPaths, task_file_stem
-from varlora.session import Session, scorer_for, setup
-from varlora.tasks import get_task
+from varlora.session import Session, setup
 
 __all__ = ["RunPaths", "Session", "setup", "fit", "train_run", "evaluate_run", "load_run", "check_final",
            "task_file_stem", "STAGE_FILE"]
@@ -219,12 +222,7 @@ def evaluate_run(session: Session, method: Method, task_name: str | None = None,
     ``eval/<task>.json``: rows, seconds, peak memory). With ``memory``, the peak memory of the evaluation is
     measured and saved with the rows."""
     task_name = task_name or session.config.data.task
-    examples, scorer = session.val_examples, session.scorer
-    if task_name != session.config.data.task:
-        task = get_task(task_name)
-        examples = task.load("validation", data_dir=session.config.data.data_dir,
-                             limit=session.config.data.eval_limit, seed=0)
-        scorer = scorer_for(session.config, session.tokenizer, task)
+    examples, scorer = session.eval_split(task_name)
     if memory is not None:
         memory.reset()
     started = time.perf_counter()
@@ -341,6 +339,10 @@ def train_run(config: RunConfig, run_dir: str | Path, log: Log = print, reuse: s
     if distributed.active() and not method_cls.supports_distributed:
         raise ConfigError(f"method {config.method.name!r} runs in one process only; launch it without torchrun")
     session = setup(config, paths.root)
+    for task_name in config.eval.ood_tasks:  # checked and tokenised before training too
+        session.eval_split(task_name)
+    for report in session.truncation.values():
+        log(report.describe())
     method = build_method(session)
     method.setup()
     memory = PeakMemory(next(iter(session.params.values())).device)
@@ -375,6 +377,7 @@ def train_run(config: RunConfig, run_dir: str | Path, log: Log = print, reuse: s
                "seed": config.train.seed, "steps": method.total_steps, "train_seconds": stage["train_seconds"],
                "trained_in": stage["trained_in"], "posthoc": stage["posthoc"], "n_train": len(session.train_examples),
                "n_eval": len(session.val_examples), "results": results, "rows": rows, "cost": cost,
+               "truncation": {label: report.to_dict() for label, report in session.truncation.items()},
                "processes": distributed.world_size()}
     if distributed.is_main():
         with saving(summary_path, "final/ and eval/ are kept: free some space and rerun the same command"):

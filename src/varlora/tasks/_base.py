@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -57,13 +57,20 @@ class DataFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One multiple-choice question; ``label`` indexes ``choices``; ``passage`` is a reading-task context."""
+    """One multiple-choice question; ``label`` indexes ``choices``; ``passage`` is a reading-task context.
+
+    ``source`` and ``line`` say where the row was read (file or hub split, 1-based line or row), so that a row
+    found unusable later (e.g. by the scorer) can be named; they are not part of the example's identity
+    (equality and hash ignore them).
+    """
 
     id: str
     question: str
     choices: tuple[str, ...]
     label: int
     passage: str | None = None
+    source: str | None = field(default=None, compare=False)
+    line: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.choices:

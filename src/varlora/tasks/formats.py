@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,10 @@ class Where:
 
     def error(self, field: str | None, reason: str) -> DataFormatError:
         return DataFormatError(self.source, self.line, field, reason)
+
+    def locate(self, example: Example) -> Example:
+        """``example`` stamped with this origin (:attr:`Example.source`, :attr:`Example.line`)."""
+        return replace(example, source=self.source, line=self.line)
 
 
 Parser = Callable[[Mapping[str, Any], Where], Example | None]

@@ -108,7 +108,7 @@ class ReleaseTask(Task):
                 raise FileNotFoundError(
                     f"{self.name} {split}: {missing}, and loading {self.hub[split].describe()} failed: {e}"
                 ) from e
-        return [ex for where, record in records if (ex := self.parser(record, where)) is not None]
+        return [where.locate(ex) for where, record in records if (ex := self.parser(record, where)) is not None]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -134,7 +134,7 @@ class JsonlTask(Task):
     def _load(self, split: Split, data_dir: str | os.PathLike[str] | None) -> list[Example]:
         """``data_dir`` is not used: the files are explicit paths."""
         path = self._path(split)
-        return [parse_generic(record, where) for where, record in read_jsonl(path, path.stem)]
+        return [where.locate(parse_generic(record, where)) for where, record in read_jsonl(path, path.stem)]
 
 
 def jsonl_task(
