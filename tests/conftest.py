@@ -13,13 +13,14 @@ SHARED_DATA = SHARED / "data"
 SHARED_MODEL = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 320, dtype: torch.dtype = torch.float32):
-    """A 2-layer random Llama small enough to train in milliseconds."""
+def tiny_llama(seed: int = 0, vocab_size: int = 320, dtype: torch.dtype = torch.float32, hidden_size: int = 32):
+    """A 2-layer random Llama small enough to train in milliseconds (``hidden_size`` 64 or more for bitsandbytes'
+    CPU 4-bit kernel, which packs the input dimension in blocks of 64)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )
@@ -125,9 +126,9 @@ def write_colour_data(folder: Path, n: int, seed: int) -> Path:
     return path
 
 
-def build_assets(folder: Path, n_train: int = 48, n_val: int = 16) -> dict[str, str]:
+def build_assets(folder: Path, n_train: int = 48, n_val: int = 16, hidden_size: int = 32) -> dict[str, str]:
     """A tiny Llama with its tokenizer and a jsonl task, saved in ``folder``."""
-    tiny_llama(seed=0).save_pretrained(folder / "model")
+    tiny_llama(seed=0, hidden_size=hidden_size).save_pretrained(folder / "model")
     tiny_tokenizer().save_pretrained(folder / "model")
     train, val = write_colour_data(folder, n_train, seed=1), write_colour_data(folder, n_val, seed=2)
     return {"model": str(folder / "model"), "task": f"jsonl:train={train},validation={val}"}

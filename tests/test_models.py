@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from varlora.config import LoraArgs
+from varlora.config import LoraArgs, ModelArgs
 from varlora.models import ModelLoadError, attach_lora, load_base_model, lora_parameters, resolve_model_source
 
 
@@ -23,7 +23,7 @@ def test_resolve_model_source(tmp_path):
 
 def test_lora_is_float32_on_a_bfloat16_base_and_only_lora_trains(tmp_path):
     tiny_llama().save_pretrained(tmp_path)
-    base = load_base_model(str(tmp_path), "bfloat16")
+    base = load_base_model(ModelArgs(name=str(tmp_path), dtype="bfloat16"))
     model = attach_lora(base, LoraArgs(r=4, target_modules=["all-linear"]), seed=0)
     params = lora_parameters(model)
     assert params and all("lora_" in n and p.dtype == torch.float32 for n, p in params.items())

@@ -23,13 +23,25 @@ from torch import Tensor
 __all__ = ["lora_layers", "batched_lora", "fold_batch"]
 
 
-def lora_layers(model: torch.nn.Module, adapter: str = "default") -> dict[str, tuple[torch.nn.Module, str, str]]:
-    """peft LoRA linear layers by module name → (layer, name of its A weight, name of its B weight)."""
+def _linear_lora_classes() -> tuple[type, ...]:
+    """peft's LoRA layers on a linear base: ``lora.Linear`` and, where bitsandbytes is installed, its 8-bit and
+    4-bit linears (a quantised base, :mod:`varlora.models`), which compute ``base_layer(x)`` plus the same LoRA
+    term."""
     from peft.tuners.lora import Linear
 
+    try:
+        from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
+    except ImportError:  # peft defines them only where bitsandbytes imports
+        return (Linear,)
+    return Linear, Linear8bitLt, Linear4bit
+
+
+def lora_layers(model: torch.nn.Module, adapter: str = "default") -> dict[str, tuple[torch.nn.Module, str, str]]:
+    """peft LoRA linear layers by module name → (layer, name of its A weight, name of its B weight)."""
+    classes = _linear_lora_classes()
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, Linear) and adapter in module.lora_A:
+        if isinstance(module, classes) and adapter in module.lora_A:
             out[name] = (module, f"{name}.lora_A.{adapter}.weight", f"{name}.lora_B.{adapter}.weight")
     return out
 

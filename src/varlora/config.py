@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "MODEL_ENV",
     "ModelArgs",
+    "auto_dtype",
     "LoraArgs",
     "MethodArgs",
     "DataArgs",
@@ -37,7 +38,10 @@ __all__ = [
 ]
 
 ScoringMode = Literal["letter", "cloze"]
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["none", "4bit", "8bit"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
+DeviceMap = Literal["local", "auto"]
 
 
 class ConfigError(ValueError):
@@ -61,20 +65,63 @@ MODEL_ENV = "VARLORA_MODEL"
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
+def auto_dtype() -> str:
+    """What ``model.dtype=auto`` means on this process's device: ``bfloat16`` on a CUDA GPU that computes in it
+    natively (compute capability >= 8), else ``float32`` (the CPU, older GPUs: their bf16 matmuls are emulated or
+    slow, and float16 can overflow in a base that was trained in bf16)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bfloat16"
+    return "float32"
+
+
 @dataclass
 class ModelArgs:
-    """The base causal LM."""
+    """The base causal LM: where it comes from, its precision and quantisation, and the memory levers.
+
+    ``dtype="auto"`` is resolved when the config is made (:func:`auto_dtype`), so ``config.json`` records the dtype
+    a run used, and a run saved with ``"float32"`` resumes unchanged on a CPU, where ``auto`` means float32.
+    """
 
     name: str = option(
         f"Hugging Face id, local folder, or path to a .gguf file (default: ${MODEL_ENV}, else {DEFAULT_MODEL})",
         default_factory=lambda: os.environ.get(MODEL_ENV) or DEFAULT_MODEL,
     )
-    dtype: DType = option("dtype of the frozen base model; LoRA weights are always float32", default="float32")
+    dtype: DType = option(
+        "dtype of the frozen base model (and the compute dtype of a quantised one); auto: bfloat16 on a CUDA GPU "
+        "that supports it, float32 otherwise (config.json records the resolved dtype). LoRA weights are always "
+        "float32", default="auto")
+    quantization: Quantization = option(
+        "load the base quantised by bitsandbytes (QLoRA; pip install 'varlora[qlora]'): 4bit (NF4, double "
+        "quantisation) or 8bit (LLM.int8); LoRA stays float32, and the base's other weights are upcast to float32 "
+        "as peft's prepare_model_for_kbit_training does. Not for a .gguf file", default="none")
+    gradient_checkpointing: bool = option(
+        "recompute each decoder layer's activations in the backward pass (non-reentrant) instead of storing them: "
+        "less memory, about one more forward per step", default=False)
+    attn_implementation: AttnImplementation = option("attention kernel of transformers", default="sdpa")
+    device_map: DeviceMap = option(
+        "local: load the base straight onto this process's device (its GPU, else the CPU), never whole on the host "
+        "first; auto: spread its layers over every visible GPU (then the CPU) with accelerate, one process only",
+        default="local")
+    tf32: bool = option("on CUDA, run float32 matmuls (LoRA, upcast layers) on TF32 tensor cores; no effect on CPU",
+                        default=True)
 
     def __post_init__(self) -> None:
         check(bool(self.name), "model.name", self.name, "must be non-empty")
-        check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", self.dtype,
-               "must be float32, bfloat16 or float16")
+        check(self.dtype in typing.get_args(DType), "model.dtype", self.dtype,
+              "must be auto, float32, bfloat16 or float16")
+        if self.dtype == "auto":
+            self.dtype = auto_dtype()
+        check(self.quantization in typing.get_args(Quantization), "model.quantization", self.quantization,
+              "must be none, 4bit or 8bit")
+        check(self.quantization == "none" or not self.name.endswith(".gguf"), "model.quantization",
+              self.quantization, f"cannot apply to the GGUF file {self.name} (transformers loads it de-quantised and "
+              "does not quantise it again); give a hub id or a folder of safetensors weights")
+        check(self.attn_implementation in typing.get_args(AttnImplementation), "model.attn_implementation",
+              self.attn_implementation, f"must be one of {list(typing.get_args(AttnImplementation))}")
+        check(self.device_map in typing.get_args(DeviceMap), "model.device_map", self.device_map,
+              "must be local or auto")
 
 
 @dataclass

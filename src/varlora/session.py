@@ -24,7 +24,7 @@ import torch
 
 from varlora import _io, distributed
 from varlora.config import ConfigError, RunConfig
-from varlora.models import attach_lora, load_base_model, load_tokenizer, lora_parameters, prepare_base_model
+from varlora.models import attach_lora, load_base_model, load_tokenizer, lora_parameters, prepare_base_model, set_tf32
 from varlora.run_paths import RunPaths
 from varlora.schedule import batch_indices
 from varlora.scoring import Scorer, TruncationReport, make_scorer
@@ -97,19 +97,24 @@ def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True, ne
     (the task is not even looked up; ``scorer`` is None and the example lists are empty), for prediction on
     examples given by the caller (:func:`varlora.load`). ``base_model`` and ``tokenizer`` (both or neither): a
     causal LM already in memory and its tokenizer, used instead of loading ``config.model.name`` (e.g. a randomly
-    initialised model of a real size, for a benchmark); the model is frozen in place and gets LoRA.
+    initialised model of a real size, for a benchmark); the model is frozen in place (prepared for
+    ``config.model``'s gradient checkpointing, for k-bit training if bitsandbytes quantised it), gets LoRA and is
+    moved to this process's device. A base loaded here is loaded onto its device directly (``model.device_map``).
     """
     if (base_model is None) != (tokenizer is None):
         raise ValueError("setup: pass base_model and tokenizer together, or neither")
     paths = RunPaths(Path(run_dir))
     torch.manual_seed(config.train.seed)
+    device = distributed.local_device()
+    set_tf32(device, config.model.tf32)
     if base_model is None:
         tokenizer = load_tokenizer(config.model.name)
-        base_model = load_base_model(config.model.name, config.model.dtype)  # prepared already
+        base_model = load_base_model(config.model, device)  # prepared, and already where device_map put it
+        model = attach_lora(base_model, config.lora, seed=config.train.seed)  # LoRA is made beside each layer
     else:
-        prepare_base_model(base_model)
-    model = attach_lora(base_model, config.lora, seed=config.train.seed)
-    model.to(distributed.local_device())
+        prepare_base_model(base_model, config.model)
+        model = attach_lora(base_model, config.lora, seed=config.train.seed)
+        model.to(device)
     if distributed.rank() > 0:  # the same LoRA initialisation on every rank, but rank-specific dropout
         torch.manual_seed(config.train.seed * 1_000_003 + distributed.rank())
     if not need_data:

@@ -328,6 +328,10 @@ def train_run(config: RunConfig, run_dir: str | Path, log: Log = print, reuse: s
     ``reuse``: for a post-hoc method, a run folder of its ``posthoc_of`` method whose adapter to start from
     (used only if that run is finished and its config matches this one's, the method aside).
     """
+    conflict = get_method(config.method.name).checkpointing_conflict
+    if config.model.gradient_checkpointing and get_method(config.method.name).trains and conflict:
+        raise ConfigError(f"invalid model.gradient_checkpointing=True for method {config.method.name!r}: "
+                          f"{conflict}; train it without gradient checkpointing")
     paths = RunPaths(Path(run_dir))
     log = distributed.main_only(log)
     distributed.check_on_main(ConfigError, _prepare_run_dir, config, paths)

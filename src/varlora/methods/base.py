@@ -58,6 +58,8 @@ class Method:
     - ``trains``: whether it runs training steps. ``posthoc_of``: the method whose trained adapter a post-hoc
       method starts from; an experiment may reuse that method's finished run instead of training again.
     - ``supports_distributed``: whether it runs under torchrun with several processes.
+    - ``checkpointing_conflict``: why its training cannot run with ``model.gradient_checkpointing`` ("" where it
+      can; the recipe refuses such a run with this reason).
     - ``role``: ``"map"`` for the deterministic baseline drawn as the reference point in figures, else "".
     - ``seed_independent``: its predictions do not depend on the seed (zero-shot): experiments run it once.
     - ``uses_tau``: it reads ``eval.taus`` (posterior variance scales); for the others that field is not part of
@@ -72,6 +74,7 @@ class Method:
     trains: ClassVar[bool] = False
     posthoc_of: ClassVar[str | None] = None
     supports_distributed: ClassVar[bool] = False
+    checkpointing_conflict: ClassVar[str] = ""
     role: ClassVar[str] = ""
     seed_independent: ClassVar[bool] = False
     uses_tau: ClassVar[bool] = False

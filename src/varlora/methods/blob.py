@@ -99,6 +99,9 @@ class BLoB(Method):
     args_class = BLoBArgs
     trains = True
     supports_distributed = False
+    checkpointing_conflict = ("its flipout hooks draw the noise of lora_A from their own generator in the forward "
+                              "pass, and a checkpointed layer's recompute in the backward pass would draw other "
+                              "noise than the forward used")
 
     posterior: BlobPosterior | None = None
 
