@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import build_assets, write_colour_data
+from varlora.checkpoint import read_checkpoint
 from varlora.cli import main
 from varlora.run_paths import task_file_stem
 
@@ -145,23 +146,23 @@ def _file_size_limit(limit: int):
 
 def test_killed_while_writing_a_checkpoint_then_disk_full_then_resumed(assets, clean, tmp_path):
     """SIGKILL in the middle of writing the 2nd checkpoint; the rerun meets a full disk at its next checkpoint
-    (exit 2, one line naming checkpoint.pt, the previous checkpoint intact); with space back it finishes exactly
+    (exit 2, one line naming the checkpoint, the previous checkpoint intact); with space back it finishes exactly
     like the uninterrupted run."""
     run = tmp_path / "run"
-    torn = Path(_kill_at(assets, run, tmp_path, "checkpoint.pt", nth=2))
-    assert torn.name.startswith(".checkpoint.pt.") and torn.exists()  # the torn write, never renamed
-    before = _sha(run / "checkpoint.pt")
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == SAVE_EVERY
+    torn = Path(_kill_at(assets, run, tmp_path, "checkpoint.safetensors", nth=2))
+    assert torn.name.startswith(".checkpoint.safetensors.") and torn.exists()  # the torn write, never renamed
+    before = _sha(run / "checkpoint.safetensors")
+    assert read_checkpoint(run / "checkpoint.safetensors")["step"] == SAVE_EVERY
 
-    limit = (run / "checkpoint.pt").stat().st_size // 2  # checkpoints no longer fit; config, metrics and logs do
+    limit = (run / "checkpoint.safetensors").stat().st_size // 2  # checkpoints no longer fit; the small files do
     full = subprocess.run(_command(assets, run), env=_env(), capture_output=True, text=True,
                           preexec_fn=_file_size_limit(limit))
     assert full.returncode == 2, full.stderr
     assert f"resuming {run} from step {SAVE_EVERY}/{STEPS}" in full.stdout
     [line] = [x for x in full.stderr.splitlines() if "error" in x.lower()]
-    assert line.startswith("varlora train: error: cannot write ") and str(run / "checkpoint.pt") in line
+    assert line.startswith("varlora train: error: cannot write ") and str(run / "checkpoint.safetensors") in line
     assert "File too large" in line and "previous checkpoint is kept" in line and "Traceback" not in full.stderr
-    assert _sha(run / "checkpoint.pt") == before  # untouched
+    assert _sha(run / "checkpoint.safetensors") == before  # untouched
     assert not (run / "final").exists()
 
     again = _train(assets, run)
@@ -259,17 +260,41 @@ def test_damaged_files_of_final_are_named(clean, tmp_path, how, capsys):
         assert "truncated or corrupted" in line
 
 
-@pytest.mark.parametrize("how", ["truncated", "corrupted"])
+class _RunsCode:
+    """Unpickling it creates a file: what a crafted checkpoint.pt could do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupted", "crafted pickle"])
 def test_a_damaged_checkpoint_is_named(clean, tmp_path, how, capsys):
+    """A damaged checkpoint.safetensors, or a checkpoint.pt (the old, pickled format) crafted to run code: the
+    run stops with one line naming the file, and the crafted file's code never runs."""
     run = tmp_path / "run"
     shutil.copytree(clean, run)
     shutil.rmtree(run / "final")
     (run / "summary.json").unlink()
-    _damage(run / "checkpoint.pt", how)
+    checkpoint, marker = run / "checkpoint.safetensors", tmp_path / "code-ran"
+    if how == "crafted pickle":
+        state = read_checkpoint(checkpoint) | {"method_name": "ivon", "payload": _RunsCode(marker)}
+        checkpoint.unlink()
+        checkpoint = run / "checkpoint.pt"
+        torch.save(state, checkpoint)
+    else:
+        _damage(checkpoint, how)
     assert main(["train", "--run-dir", str(run), "--config", str(run / "config.json")]) == 2
     line = _error_line(capsys)
-    assert line.startswith("varlora train: error: ") and str(run / "checkpoint.pt") in line, line
-    assert "truncated or corrupted" in line and "delete it to restart the run" in line
+    assert line.startswith("varlora train: error: ") and str(checkpoint) in line, line
+    assert "delete it to restart the run" in line
+    if how == "crafted pickle":
+        assert "is not a checkpoint written by varlora: it is a pickle that needs posix.system" in line, line
+        assert not marker.exists()
+    else:
+        assert "truncated or corrupted" in line
 
 
 def test_a_diverging_loss_stops_with_the_step_and_keeps_the_last_checkpoint(assets, tmp_path, capsys):
@@ -279,7 +304,7 @@ def test_a_diverging_loss_stops_with_the_step_and_keeps_the_last_checkpoint(asse
             "--train.steps", "8", "--train.save_every", "1", "--train.eval_every", "0"]
     assert main(argv) == 2
     line = _error_line(capsys)
-    step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
-    assert line == (f"varlora train: error: training loss became nan at step {step + 1} (checkpoint.pt of step "
-                    f"{step} is kept); lower the learning rate in a new run folder")
+    step = read_checkpoint(run / "checkpoint.safetensors")["step"]
+    assert line == (f"varlora train: error: training loss became nan at step {step + 1} (checkpoint.safetensors of "
+                    f"step {step} is kept); lower the learning rate in a new run folder")
     assert step >= 1 and not (run / "final").exists()

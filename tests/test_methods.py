@@ -157,6 +157,27 @@ def test_a_run_stopped_after_a_checkpoint_resumes_bit_for_bit(name, assets, fini
     assert losses(whole) == losses(cut)
 
 
+def test_an_old_pickled_checkpoint_resumes_bit_for_bit(assets, finished, tmp_path):
+    """tests/data/checkpoint_pt_blob_step2.pt: the step-2 checkpoint.pt of this module's BLoB run, written by the
+    pickle-based code (varlora d2e7fc9). A run folder holding it resumes from step 2 (read with
+    ``weights_only=True``), ends exactly like the uninterrupted run, and leaves a checkpoint.safetensors instead."""
+    whole, _ = finished("blob")
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copyfile(Path(__file__).parent / "data" / "checkpoint_pt_blob_step2.pt", cut / "checkpoint.pt")
+    messages: list[str] = []
+    train_run(_config(assets, "blob"), cut, log=messages.append)
+    assert any("resuming" in m and "from step 2/" in m for m in messages)
+    assert_identical(_final_state(whole), _final_state(cut))
+    assert not (cut / "checkpoint.pt").exists() and (cut / "checkpoint.safetensors").is_file()
+
+    def losses(folder: Path) -> list:
+        return [(r["step"], r["loss"]) for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+
+    assert losses(cut) == [row for row in losses(whole) if row[0] > 2]
+
+
 def test_posthoc_methods_reuse_a_finished_map_run_exactly(assets, finished, tmp_path):
     map_folder, map_summary = finished("adamw")
     for name in (n for n, c in METHODS.items() if c.posthoc_of == "adamw"):

@@ -223,10 +223,10 @@ def test_killed_run_resumes_bit_for_bit(assets, tmp_path):
         return max((r["step"] for r in rows), default=0)
 
     deadline = time.time() + 120
-    while not (steps_done() > 7 + 1 and (killed / "checkpoint.pt").exists()) and time.time() < deadline \
+    while not (steps_done() > 7 + 1 and (killed / "checkpoint.safetensors").exists()) and time.time() < deadline \
             and process.poll() is None:
         time.sleep(0.01)
-    had_checkpoint = (killed / "checkpoint.pt").exists()
+    had_checkpoint = (killed / "checkpoint.safetensors").exists()
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert had_checkpoint, "no checkpoint was written before the kill"

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import build_assets
 from varlora import distributed
+from varlora.checkpoint import read_checkpoint
 from varlora.config import ConfigError, RunConfig
 from varlora.train import train_run
 
@@ -113,7 +114,7 @@ def test_ivon_on_two_processes_resumes_exactly_and_refuses_another_world_size(as
         assert torch.equal(tensor, _adapter(Path(cut))[name]), name
     posterior = [load_file(str(Path(f) / "final" / "posterior.safetensors")) for f in (whole, cut)]
     assert all(torch.equal(posterior[0][k], posterior[1][k]) for k in posterior[0])
-    checkpoint = torch.load(Path(cut) / "checkpoint.pt", weights_only=False)
+    checkpoint = read_checkpoint(Path(cut) / "checkpoint.safetensors")
     generators = [r["method"]["ivon"]["generators"]["cpu"] for r in checkpoint["ranks"]]
     assert len(generators) == WORLD and not torch.equal(*generators)  # each rank its own noise
     # the single-process IVON run differs: two ranks are two MC samples

@@ -24,6 +24,12 @@ class RunPaths:
 
     @property
     def checkpoint(self) -> Path:
+        return self.root / "checkpoint.safetensors"
+
+    @property
+    def legacy_checkpoint(self) -> Path:
+        """The pickled checkpoint of versions before safetensors checkpoints (still resumed, see
+        :mod:`varlora.checkpoint`)."""
         return self.root / "checkpoint.pt"
 
     @property

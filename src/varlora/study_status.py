@@ -17,7 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from varlora import run_records
+from varlora.checkpoint import find_checkpoint
 from varlora.experiment import in_progress_elsewhere, load_preset, run_configs, run_folder
+from varlora.run_paths import RunPaths
 
 __all__ = ["study_status", "run_seconds"]
 
@@ -39,7 +41,7 @@ def _state(folder: Path, record: Path) -> str:
         return "finished"
     if in_progress_elsewhere(folder):
         return "running"
-    if (folder / "checkpoint.pt").is_file() or (folder / "final").is_dir():
+    if find_checkpoint(RunPaths(folder)) is not None or (folder / "final").is_dir():
         return "started"
     return "pending"
 

@@ -4,7 +4,8 @@ A run folder holds::
 
     config.json                 the RunConfig (a rerun with another config is refused, naming the field)
     metrics.jsonl               one row per step ("train") and per periodic evaluation ("eval")
-    checkpoint.pt               the latest resumable training state, written atomically (varlora.checkpoint)
+    checkpoint.safetensors      the latest resumable training state, written atomically, no pickle
+                                (varlora.checkpoint; an older version's checkpoint.pt still resumes)
     final/                      the method's saved state (peft adapter, posterior, temperature, ...) and
                                 stage.json (training seconds, post-hoc fit, peak memory, the SHA-256 of every
                                 other file of final/, checked when it is loaded): training is done
@@ -27,7 +28,7 @@ first step: rows the scorer cannot score stop the run there, each named by file 
 Faults: a non-finite training loss stops the run with FloatingPointError naming the step (the last checkpoint
 is kept); a write that fails (disk full) raises :class:`~varlora.checkpoint.SaveError` naming the file, the
 files written before it intact, and the same command continues once there is space; a truncated or corrupted
-``checkpoint.pt`` or file of ``final/`` raises ValueError naming it.
+checkpoint or file of ``final/`` raises ValueError naming it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,15 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from varlora import _io, distributed
-from varlora.checkpoint import file_digests, file_sha256, load_checkpoint, save_checkpoint, saving, verify_digests
+from varlora.checkpoint import (
+    file_digests,
+    file_sha256,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    saving,
+    verify_digests,
+)
 from varlora.config import ConfigError, RunConfig
 from varlora.cost import UNNAMED_MEMORY_KIND, PeakMemory, weakest
 from varlora.evaluate import finish
@@ -61,7 +70,7 @@ STAGE_FILE = "stage.json"
 
 
 def fit(session: Session, method: Method, log: Log = print) -> float:
-    """Run ``method.total_steps`` training steps, resuming from ``checkpoint.pt`` when present.
+    """Run ``method.total_steps`` training steps, resuming from the run's checkpoint when present.
 
     Returns the training seconds (steps only: evaluation and checkpoints excluded).
     """
@@ -72,7 +81,8 @@ def fit(session: Session, method: Method, log: Log = print) -> float:
         raise ConfigError(f"train.batch_size={cfg.batch_size} must split evenly over {world} processes, with at "
                           f"least train.grad_accum={cfg.grad_accum} examples each")
     step, train_seconds = 0, 0.0
-    if session.paths.checkpoint.exists():
+    checkpoint = find_checkpoint(session.paths)
+    if checkpoint is not None:
         step, train_seconds = load_checkpoint(session, method)
         if distributed.is_main():
             kept = [r for r in _io.read_jsonl(session.paths.metrics) if r["step"] <= step]
@@ -88,7 +98,7 @@ def fit(session: Session, method: Method, log: Log = print) -> float:
     session.model.train()
     bar = tqdm(total=total, initial=step, desc=f"{method.name} {session.config.data.task}", unit="step",
                dynamic_ncols=True, disable=None if distributed.is_main() else True)
-    saved = step  # the step of checkpoint.pt (0: none yet)
+    saved = step  # the step of the checkpoint (0: none yet)
     while step < total:
         started = time.perf_counter()
         result = method.train_step(step)
@@ -96,7 +106,7 @@ def fit(session: Session, method: Method, log: Log = print) -> float:
         train_seconds += seconds
         step += 1
         if not math.isfinite(result.loss):
-            kept = f"checkpoint.pt of step {saved} is kept" if saved else "no checkpoint was written yet"
+            kept = f"{checkpoint.name} of step {saved} is kept" if saved else "no checkpoint was written yet"
             raise FloatingPointError(f"training loss became {result.loss} at step {step} ({kept}); lower the "
                                      "learning rate in a new run folder")
         rows = [{"kind": "train", "step": step, "loss": result.loss, **result.stats, "step_seconds": seconds,
@@ -107,6 +117,7 @@ def fit(session: Session, method: Method, log: Log = print) -> float:
         _append_rows(session.paths.metrics, rows)
         if step % cfg.save_every == 0 or step == total:
             save_checkpoint(session, method, step, train_seconds)
+            checkpoint = session.paths.checkpoint
             saved = step
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss:.3f}", **({"acc": f"{rows[-1]['acc']:.1f}"} if len(rows) > 1 else {}))
@@ -159,7 +170,7 @@ def _train_or_reuse(session: Session, method: Method, reuse: Path | None, memory
     """Train (or resume), or take the adapter of a finished run; then the post-hoc fit. Returns stage info."""
     source = _reusable(session.config, reuse) if reuse is not None else None
     memory.reset()
-    if source is not None and not session.paths.checkpoint.exists():
+    if source is not None and find_checkpoint(session.paths) is None:
         log(f"reusing the trained adapter of {reuse} ({method.posthoc_of})")
         check_final(reuse / "final")
         get_method(method.posthoc_of).load(method, reuse / "final")
@@ -188,7 +199,7 @@ def _save_final(session: Session, method: Method, stage: dict[str, Any]) -> None
     """Write ``final/`` in one piece: the method's files, then stage.json with their digests."""
     if not distributed.is_main():
         return
-    kept = "checkpoint.pt is kept: free some space and rerun the same command to save it again"
+    kept = "the checkpoint is kept: free some space and rerun the same command to save it again"
     with saving(session.paths.final, kept), _io.atomic_dir(session.paths.final) as folder:
         method.save(folder)
         _io.write_json(folder / STAGE_FILE, stage | {"files": file_digests(folder)})
@@ -201,7 +212,7 @@ def check_final(folder: Path) -> dict[str, Any]:
     were recorded is checked only for a readable stage.json.
     """
     remedy = (f"; delete {folder} (and summary.json beside it) and rerun the same `varlora train` command to save "
-              "it again from checkpoint.pt")
+              "it again from the checkpoint")
     stage_path = folder / STAGE_FILE
     try:
         stage = json.loads(stage_path.read_text())
