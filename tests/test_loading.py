@@ -41,12 +41,24 @@ def test_auto_dtype_is_float32_on_the_cpu_and_bfloat16_on_a_gpu_that_has_it(monk
     assert ModelArgs().dtype == "float32"
 
 
-def test_auto_is_the_default_of_the_command_line():
+def test_the_command_line_offers_the_new_options_with_auto_as_the_dtype_default():
     from dataclasses import fields
+
+    from varlora.cli import build_parser, config_from_args
 
     default = {f.name: f.default for f in fields(ModelArgs)}
     assert default["dtype"] == "auto" and default["attn_implementation"] == "sdpa"
     assert default["quantization"] == "none" and default["gradient_checkpointing"] is False
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    help_text = " ".join(train.format_help().split())
+    for option in ("--model.dtype {auto,float32,bfloat16,float16}", "--model.quantization {none,4bit,8bit}",
+                   "--model.gradient_checkpointing BOOL", "--model.attn_implementation",
+                   "--model.device_map {local,auto}", "--model.tf32 BOOL"):
+        assert option in help_text, option
+    args = build_parser().parse_args(["train", "--run-dir", "x", "--model.quantization", "4bit",
+                                      "--model.gradient_checkpointing", "true", "--model.name", "m"])
+    model = config_from_args(args).model
+    assert (model.quantization, model.gradient_checkpointing, model.dtype) == ("4bit", True, "float32")
 
 
 def test_a_run_saved_with_float32_resumes_under_auto_on_the_cpu_but_not_on_a_bf16_gpu(tmp_path, monkeypatch):
