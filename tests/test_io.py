@@ -98,12 +98,12 @@ def test_atomic_writes_do_not_touch_the_umask(tmp_path, monkeypatch):
     assert (tmp_path / "a.txt").read_text() == "x" and (tmp_path / "d").is_dir()
 
 
-def test_one_cache_variable(tmp_path, monkeypatch):
+def test_the_cache_folder_is_varlora_cache_else_home(tmp_path, monkeypatch):
     monkeypatch.setenv("VARLORA_CACHE", str(tmp_path))
-    from varlora import assets  # noqa: F401  (uses the same folder)
-    from varlora.optim import _cpu_kernels
-
-    assert _io.cache_dir() == tmp_path and _cpu_kernels.cache_dir() == tmp_path / "kernels"
+    assert _io.cache_dir() == tmp_path
+    monkeypatch.delenv("VARLORA_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert _io.cache_dir() == tmp_path / "home" / ".cache" / "varlora"
 
 
 def test_read_safetensors_round_trip_and_damaged_files_name_themselves(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of varlora.IVON: validation, the two math paths, an exact oracle, each defect of the reference."""
+"""Tests of varlora.IVON: validation, the single-tensor oracle, an exact posterior, each defect of the reference."""
 
 from __future__ import annotations
 
@@ -9,18 +9,17 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import ivon_oracle
 from varlora import IVON
-from varlora.optim import IVON_DEFAULTS, _cpu_kernels, sampling, validate_ivon_hyperparameters
-from varlora.optim import _functional as F
+from varlora.optim import IVON_DEFAULTS, sampling, validate_ivon_hyperparameters
 
 DEFAULTS = dict(lr=0.05, ess=100.0, stats_every=1)
-requires_kernels = pytest.mark.skipif(not _cpu_kernels.available(),
-                                      reason=f"no fused kernels here: {_cpu_kernels.build_error()}")
 
 
 def mlp(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Sequential:
@@ -83,7 +82,6 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         dict(rescale_lr="yes"),
         dict(debias=None),
         dict(sync=1),
-        dict(foreach="auto"),
         dict(generator=42),
         dict(stats_every=0),
     ],
@@ -173,78 +171,64 @@ def grouped_optimizer(model: nn.Module, **kwargs) -> IVON:
 
 
 @pytest.mark.parametrize("mc_samples", [1, 2])
-def test_foreach_path_matches_single_tensor_path(mc_samples):
+def test_equals_the_single_tensor_oracle(mc_samples):
+    """Three groups that differ in every option, 15 steps, and a parameter that misses its gradient in one sample
+    of every step: each parameter's mean, h, ḡ and step count equal those of tests/ivon_oracle.py in float64."""
     x, y = batch()
-    states = []
-    for foreach in (False, True):
-        model = mlp()
-        opt = grouped_optimizer(
-            model, mc_samples=mc_samples, foreach=foreach, generator=torch.Generator().manual_seed(3)
-        )
-        train(model, opt, 15, x, y)
-        states.append(snapshot(model, opt))
-        assert 0.0 < opt.last_step_stats["clip_fraction"] < 1.0
-    assert_same(*states)
+    model = mlp()
+    opt = grouped_optimizer(model, mc_samples=mc_samples)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    options = [{k: g[k] for k in ("lr", "ess", "hess_init", "beta1", "beta2", "weight_decay", "clip_radius",
+                                  "hess_approx", "rescale_lr", "debias")} for g in opt.param_groups]
+    group_of = [i for i, g in enumerate(opt.param_groups) for _ in g["params"]]
+    oracle = [ivon_oracle.new_state(p.detach(), options[gi]["hess_init"])
+              for p, gi in zip(params, group_of, strict=True)]
+    noise = torch.Generator().manual_seed(3)
+
+    def loss(s: int) -> torch.Tensor:  # the last bias gets no gradient in the second sample
+        if s == 1:
+            return nn.functional.mse_loss(model[1](model[0](x)) @ model[2].weight.T, y)
+        return nn.functional.mse_loss(model(x), y)
+
+    def grads_at(thetas: list[torch.Tensor], s: int) -> list[torch.Tensor | None]:
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(params, thetas)
+        grads = torch.autograd.grad(loss(s), params, allow_unused=True)
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
+        return list(grads)
+
+    clipped = 0
+    for _ in range(15):
+        eps = [[torch.randn(p.shape, generator=noise, dtype=torch.float64) for p in params]
+               for _ in range(mc_samples)]
+        ivon_oracle.step(oracle, [options[gi] for gi in group_of], eps, grads_at)
+        for s in range(mc_samples):
+            with opt.sampled_params(train=True, noise=eps[s]):
+                loss(s).backward()
+        opt.step()
+        clipped += 0.0 < opt.last_step_stats["clip_fraction"] < 1.0
+    assert clipped > 5  # the clip acts without saturating
+    for p, state in zip(params, oracle, strict=True):
+        torch.testing.assert_close(p.detach(), state["m"], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(opt.state[p]["hess"], state["h"], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(opt.state[p]["momentum"], state["g_bar"], rtol=1e-12, atol=1e-14)
+        assert opt.state[p]["step"] == state["t"]
 
 
-@pytest.mark.parametrize("chunk", [F.CHUNK, 4])
-def test_functional_flat_buffers_and_separate_tensors_agree(chunk, monkeypatch):
-    """The foreach path runs the state math on chunks of one flat tensor when the lists tile buffers (as the
-    optimizer lays them out) and per tensor otherwise; both equal the single-tensor path bit for bit."""
-    monkeypatch.setattr(F, "CHUNK", chunk)
+def test_sampler_draws_standard_normal_per_parameter_in_order():
+    """The one sampler: one torch.randn per tensor, in order, in the state dtype, from the device's generator."""
+    like = [torch.empty(300_000), torch.empty(3, 4, dtype=torch.bfloat16), torch.empty(5, dtype=torch.float64)]
+    eps = sampling.standard_normal(like, torch.Generator().manual_seed(0))
+    assert [e.dtype for e in eps] == [torch.float32, torch.float32, torch.float64]
+    assert abs(eps[0].mean()) < 0.01 and abs(eps[0].std() - 1) < 0.01
+    assert abs(torch.corrcoef(torch.stack([eps[0][:-1], eps[0][1:]]))[0, 1]) < 0.01
     g = torch.Generator().manual_seed(0)
-    shapes = [(3, 5), (7,), (2, 2, 2)]
-    sizes = [math.prod(s) for s in shapes]
-
-    def tensors(lo: float) -> torch.Tensor:  # one flat buffer of random values
-        return torch.rand(sum(sizes), generator=g, dtype=torch.float64) + lo
-
-    flats = dict(m=tensors(-0.5), g=tensors(-0.5), e=tensors(-0.5), mom=tensors(-0.5), h=tensors(0.5))
-    results = []
-    for foreach, tiled in ((False, False), (True, False), (True, True)):
-        lists = {}
-        for key, flat in flats.items():
-            flat = flat.clone()
-            views = [v.view(s) for v, s in zip(flat.split(sizes), shapes, strict=True)]
-            lists[key] = views if tiled else [v.clone() for v in views]
-        count = F.update_(
-            lists["m"],
-            lists["g"],
-            lists["e"],
-            lists["mom"],
-            lists["h"],
-            num_samples=2,
-            lr=0.1,
-            ess=10.0,
-            beta1=0.9,
-            beta2=0.9,
-            weight_decay=0.1,
-            clip_radius=0.2,
-            bias_correction=0.5,
-            hess_approx="price",
-            foreach=foreach,
-        )
-        results.append([torch.cat([t.reshape(-1) for t in lists[k]]) for k in ("m", "mom", "h")] + [count])
-    assert 0 < int(results[0][3]) < sum(sizes)
-    for result in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(result, results[0], strict=True))
-
-
-def test_fill_normal_is_standard_normal_and_independent_of_threads(monkeypatch):
-    a = torch.empty(300_000)
-    F.fill_normal_([a], torch.Generator().manual_seed(0))
-    assert abs(a.mean()) < 0.01 and abs(a.std() - 1) < 0.01
-    assert abs(torch.corrcoef(torch.stack([a[:-1], a[1:]]))[0, 1]) < 0.01
-    draws = []
-    for n in (1, 3):  # fill_normal_ splits the work by torch.get_num_threads(); changing real threads would
-        monkeypatch.setattr(torch, "get_num_threads", lambda n=n: n)  # leak into the other tests
-        parts = [torch.empty(100_000), torch.empty(200_000)]
-        F.fill_normal_(parts, torch.Generator().manual_seed(0))
-        draws.append(torch.cat(parts))
-    assert torch.equal(draws[0], draws[1])
-    # the 8 substreams differ: no range repeats another
-    chunks = a.view(8, -1)
-    assert len({round(float(c[:4].sum()), 6) for c in chunks}) == 8
+    expected = [torch.randn(t.shape, generator=g, dtype=e.dtype) for t, e in zip(like, eps, strict=True)]
+    assert all(torch.equal(a, b) for a, b in zip(eps, expected, strict=True))
+    by_device = sampling.standard_normal(like[:1], lambda device: torch.Generator(device).manual_seed(0))
+    assert torch.equal(by_device[0], eps[0])
 
 
 # --------------------------------------------------------------------------------------------- oracle
@@ -268,8 +252,6 @@ def test_converges_to_exact_mean_field_optimum_of_bayesian_linear_regression(dty
     ½(1−β₂)·Var(ĥ)/h ≈ 0.1%. We allow 3% (3.3 standard errors), far from the 72% mean-field/marginal gap.
     The mean jitters around m* with std ≈ √(α/2)·σ ≈ 0.2σ and correlation time ≈ 1/α = 10 steps, so the
     average is within ≈ 0.01σ (measured ≤ 0.016σ); we allow 0.1σ.
-
-    float64 runs the torch path; float32 the fused CPU kernels with their own noise generator (when they build).
     """
     torch.manual_seed(0)
     n, d, lam, delta, samples = 200, 2, 200.0, 0.01, 2
@@ -295,7 +277,6 @@ def test_converges_to_exact_mean_field_optimum_of_bayesian_linear_regression(dty
         mc_samples=samples,
         generator=torch.Generator().manual_seed(0),
     )
-    assert opt._fused([theta]) == (dtype == torch.float32 and _cpu_kernels.available())
     means, sigmas = [], []
     for t in range(600 + 1500 + 4000):
         if t == 600:
@@ -315,8 +296,7 @@ def test_converges_to_exact_mean_field_optimum_of_bayesian_linear_regression(dty
 # ------------------------------------------------------------------------------------ reference defects
 
 
-@pytest.mark.parametrize("foreach", [True, False])
-def test_bf16_parameters_keep_fp32_state_and_h_moves(foreach):
+def test_bf16_parameters_keep_fp32_state_and_h_moves():
     model, (x, y) = mlp(dtype=torch.bfloat16), batch(dtype=torch.bfloat16)
     # β₂ = 0.99999: β₂·h rounds back to h in bf16 (ulp 2^-8), so a bf16 state would never move
     opt = IVON(
@@ -324,7 +304,6 @@ def test_bf16_parameters_keep_fp32_state_and_h_moves(foreach):
         lr=1e-3,
         ess=1000.0,
         hess_init=1.0,
-        foreach=foreach,
         generator=torch.Generator().manual_seed(0),
     )
     before = [p.detach().clone() for p in model.parameters()]
@@ -430,7 +409,7 @@ def test_exception_inside_sampling_restores_weights_and_drops_the_sample():
         nn.functional.mse_loss(model(x), y).backward()
     for p, p0 in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, p0)
-    assert opt._num_samples == 0 and opt._sample is None
+    assert opt._num_samples == 0 and not opt._sampling
     train(model, opt, 1, x, y)  # still usable
 
 
@@ -589,14 +568,16 @@ def test_state_dict_round_trip_keeps_fp32_state_and_backfills_options():
     sd = opt.state_dict()
     assert sd["ivon"]["num_steps"] == 2 and "cpu" in sd["ivon"]["generators"]
     for group in sd["param_groups"]:  # as saved by an older version without these options
-        for key in ("hess_approx", "rescale_lr", "debias", "foreach"):
+        for key in ("hess_approx", "rescale_lr", "debias"):
             del group[key]
+        group["foreach"] = None  # and with an option they had
     buffer = io.BytesIO()
     torch.save(sd, buffer)
     buffer.seek(0)
     opt2 = IVON(model.parameters(), **DEFAULTS)
     opt2.load_state_dict(torch.load(buffer, weights_only=True))
     assert opt2.param_groups[0]["hess_approx"] == "price" and opt2.param_groups[0]["rescale_lr"] is True
+    assert "foreach" not in opt2.param_groups[0]
     for p in model.parameters():
         for key in ("hess", "momentum", "mean"):
             assert opt2.state[p][key].dtype == torch.float32  # torch.optim would cast to bf16
@@ -610,11 +591,10 @@ import io, sys, torch
 from torch import nn
 from varlora import IVON
 
-def setup(seed, dtype, path, mc_samples):
+def setup(seed, dtype, mc_samples):
     torch.manual_seed(seed)  # different per run: loading must override everything
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(dtype)
-    opt = IVON(model.parameters(), lr=0.05, ess=100.0, clip_radius=0.5, mc_samples=mc_samples,
-               foreach=path == "foreach", fused=path == "fused")
+    opt = IVON(model.parameters(), lr=0.05, ess=100.0, clip_radius=0.5, mc_samples=mc_samples)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + 0.1 * t))
     return model, opt, sched
 
@@ -649,9 +629,9 @@ def final(model, opt):
     return out
 
 if __name__ == "__main__":
-    ckpt, out, dtype, path, mc_samples, first, last = sys.argv[1:]
+    ckpt, out, dtype, mc_samples, first, last = sys.argv[1:]
     dtype, mc_samples = getattr(torch, dtype), int(mc_samples)
-    model, opt, sched = setup(999, dtype, path, mc_samples)
+    model, opt, sched = setup(999, dtype, mc_samples)
     load(open(ckpt, "rb").read(), model, opt, sched)
     run(model, opt, sched, int(first), int(last), dtype)
     torch.save(final(model, opt), out)
@@ -673,41 +653,38 @@ def assert_same_final(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "dtype, path, mc_samples, cut",
+    "dtype, mc_samples, cut",
     [
-        pytest.param(torch.float32, "fused", 1, 7, marks=requires_kernels),
-        (torch.float32, "foreach", 1, 7),
-        (torch.float32, "single", 1, 7),
-        (torch.bfloat16, "foreach", 1, 7),
-        pytest.param(torch.float32, "fused", 2, 7, marks=requires_kernels),  # cut between the samples of a step
+        (torch.float32, 1, 7),
+        (torch.bfloat16, 1, 7),
+        (torch.float32, 2, 7),  # cut between the samples of a step
     ],
 )
-def test_resume_from_state_dict_is_bitwise_identical(dtype, path, mc_samples, cut):
+def test_resume_from_state_dict_is_bitwise_identical(dtype, mc_samples, cut):
     ns: dict = {}
     exec(RESUME_SCRIPT, ns)
     total = 20
-    model, opt, sched = ns["setup"](0, dtype, path, mc_samples)
+    model, opt, sched = ns["setup"](0, dtype, mc_samples)
     ns["run"](model, opt, sched, 0, cut, dtype)
     blob = ns["save"](model, opt, sched)
     ns["run"](model, opt, sched, cut, total, dtype)
     uninterrupted = ns["final"](model, opt)
-    model, opt, sched = ns["setup"](1, dtype, path, mc_samples)
+    model, opt, sched = ns["setup"](1, dtype, mc_samples)
     ns["load"](blob, model, opt, sched)
     ns["run"](model, opt, sched, cut, total, dtype)
     assert_same_final(ns["final"](model, opt), uninterrupted)
 
 
-@requires_kernels
 def test_resume_in_a_fresh_process_is_bitwise_identical(tmp_path):
     ns: dict = {}
     exec(RESUME_SCRIPT, ns)
-    model, opt, sched = ns["setup"](0, torch.float32, "fused", 1)
+    model, opt, sched = ns["setup"](0, torch.float32, 1)
     ns["run"](model, opt, sched, 0, 9, torch.float32)
     (tmp_path / "ckpt.pt").write_bytes(ns["save"](model, opt, sched))
     ns["run"](model, opt, sched, 9, 25, torch.float32)
     script = tmp_path / "resume.py"
     script.write_text(textwrap.dedent(RESUME_SCRIPT))
-    args = [str(tmp_path / "ckpt.pt"), str(tmp_path / "out.pt"), "float32", "fused", "1", "9", "25"]
+    args = [str(tmp_path / "ckpt.pt"), str(tmp_path / "out.pt"), "float32", "1", "9", "25"]
     subprocess.run([sys.executable, str(script), *args], check=True, timeout=120)
     assert_same_final(torch.load(tmp_path / "out.pt", weights_only=True), ns["final"](model, opt))
 
@@ -762,13 +739,36 @@ def test_statistics_read_the_state_with_one_host_sync_per_device(monkeypatch):
 
 
 def test_old_pickled_optimizer_gets_new_options_back_filled():
-    opt = IVON(mlp().parameters(), **DEFAULTS)
+    model, (x, y) = mlp(), batch()
+    opt = IVON(model.parameters(), **DEFAULTS)
     state = dict(opt.__dict__)
-    for key in ("stats_every", "_noise_path"):
+    for key in ("stats_every", "_grad_norms", "_sampling"):
         del state[key]
+    state["param_groups"] = [{**g, "foreach": None} for g in state["param_groups"]]
     fresh = IVON.__new__(IVON)
     fresh.__setstate__(state)
-    assert fresh.stats_every == 10 and fresh._noise_path is None
+    assert fresh.stats_every == 10 and fresh._grad_norms == [] and "foreach" not in fresh.param_groups[0]
+    train(model, fresh, 1, x, y)  # usable
+
+
+def test_a_state_dict_written_before_the_rework_still_loads():
+    """tests/data/ivon_state_2026-12.pt: written by the IVON of 2026-12-07 (fused CPU kernels, flat noise buffers)
+    after 3 steps. Its posterior, momentum and counters load exactly; the run continues with a warning that the
+    noise differs from the uninterrupted run's."""
+    saved = torch.load(Path(__file__).parent / "data" / "ivon_state_2026-12.pt", weights_only=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    model.load_state_dict(saved["model"])
+    opt = IVON(model.parameters(), lr=0.05, ess=100.0, hess_init=0.5, beta2=0.99, clip_radius=1e-2)
+    with pytest.warns(UserWarning, match="noise path 'fused'.*differs from that of the uninterrupted run"):
+        opt.load_state_dict(saved["optimizer"])
+    for i, p in enumerate(model.parameters()):
+        old = saved["optimizer"]["state"][i]
+        assert opt.state[p]["step"] == 3 and torch.equal(opt.state[p]["hess"], old["hess"])
+        assert torch.equal(opt.state[p]["momentum"], old["momentum"]) and not torch.equal(old["hess"], 0.5 + 0 * p)
+    assert opt.state_dict()["ivon"]["num_steps"] == 3 and "noise_path" not in opt.state_dict()["ivon"]
+    train(model, opt, 2, saved["x"], saved["y"])
+    assert opt.state[model[0].weight]["step"] == 5
 
 
 # ------------------------------------------------------------------------------------ evaluation sampler

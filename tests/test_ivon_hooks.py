@@ -16,14 +16,13 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(model(x), y)
 
 
-@pytest.mark.parametrize("fused", [False, None])
-def test_begin_end_equals_the_context(fused):
+def test_begin_end_equals_the_context():
     x, y = batch(dtype=torch.float32)
     runs = []
     for explicit in (False, True):
         torch.manual_seed(3)
         model = mlp(dtype=torch.float32)
-        opt = IVON(model.parameters(), fused=fused, **OPTIONS)
+        opt = IVON(model.parameters(), **OPTIONS)
         for _ in range(3):
             for _ in range(opt.mc_samples):
                 if explicit:

@@ -25,7 +25,7 @@ CACHE_ENV = "VARLORA_CACHE"
 
 
 def cache_dir() -> Path:
-    """Where varlora keeps files between runs (the demo model, built kernels): ``$VARLORA_CACHE``, default
+    """Where varlora keeps files between runs (the demo model): ``$VARLORA_CACHE``, default
     ``~/.cache/varlora``."""
     configured = os.environ.get(CACHE_ENV)
     return Path(configured) if configured else Path.home() / ".cache" / "varlora"

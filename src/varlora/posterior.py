@@ -58,10 +58,17 @@ class Posterior:
             hess[name] = optimizer.state[param]["hess"].detach().float().cpu().contiguous()
         return cls(std=std, hess=hess, ess=float(group["ess"]), weight_decay=float(group["weight_decay"]))
 
+    def to(self, device: torch.device | str) -> Posterior:
+        """This posterior with σ and h on ``device`` (the model's: samples are drawn there)."""
+        return Posterior(std={n: t.to(device) for n, t in self.std.items()},
+                         hess={n: t.to(device) for n, t in self.hess.items()}, ess=self.ess,
+                         weight_decay=self.weight_decay)
+
     def save(self, folder: str | Path) -> Path:
         """Write ``posterior.safetensors`` (tensors ``std/<name>``, ``hess/<name>``; ess and δ as metadata)."""
         path = Path(folder) / POSTERIOR_FILE
-        tensors = {f"std/{n}": t for n, t in self.std.items()} | {f"hess/{n}": t for n, t in self.hess.items()}
+        tensors = {f"{kind}/{n}": t.cpu() for kind, values in (("std", self.std), ("hess", self.hess))
+                   for n, t in values.items()}
         save_file(tensors, str(path), metadata={"ess": repr(self.ess), "weight_decay": repr(self.weight_decay)})
         return path
 
@@ -97,8 +104,8 @@ class Posterior:
     ) -> Iterator[None]:
         """Set each parameter to m + √τ σ ⊙ ε inside the block; restore m exactly on exit, even on error.
 
-        ε is drawn on the CPU from ``generator`` in sorted-name order, so the same generator state
-        gives the same sample on any device. τ = 0 leaves the weights untouched.
+        ε is drawn by ``generator`` in sorted-name order (:mod:`varlora.optim.sampling`). τ = 0 leaves the
+        weights untouched.
         """
         self.check_matches(params)
         with perturbed_named_params(params, self.std, tau=tau, generator=generator):

@@ -128,7 +128,7 @@ class IVONMethod(Method):
 
     def fit_posthoc(self, log) -> dict[str, Any]:
         """Read the posterior off the trained optimizer."""
-        self.posterior = Posterior.from_optimizer(self.session.params, self.optimizer)
+        self.posterior = Posterior.from_optimizer(self.session.params, self.optimizer).to(self._device())
         return {"sigma_mean": float(torch.cat([s.flatten() for s in self.posterior.std.values()]).mean())}
 
     def save(self, folder: Path) -> None:
@@ -137,8 +137,11 @@ class IVONMethod(Method):
 
     def load(self, folder: Path) -> None:
         super().load(folder)
-        self.posterior = Posterior.load(folder)
+        self.posterior = Posterior.load(folder).to(self._device())
         self.posterior.check_matches(self.session.params)
+
+    def _device(self) -> torch.device:
+        return next(iter(self.session.params.values())).device
 
     @classmethod
     def saved_std(cls, final: Path) -> dict[str, torch.Tensor] | None:
@@ -151,7 +154,7 @@ class IVONMethod(Method):
             if tau == 0.0:
                 rows.append(deterministic_prediction(self, tau_label(0.0), examples, scorer, tau=0.0))
                 continue
-            generator = torch.Generator().manual_seed(self.config.eval.seed)
+            generator = torch.Generator(self._device()).manual_seed(self.config.eval.seed)  # where the weights are
             if self.config.eval.batched_samples and supports(self.session.model, set(self.session.params)):
                 samples = stacked_named_samples(self.session.params, self.posterior.std, tau=tau,
                                                 generator=generator, n_samples=self.config.eval.n_samples)

@@ -1,24 +1,28 @@
-r"""Test-time sampling from a mean-field Gaussian posterior, shared by :meth:`varlora.IVON.sampled_params`
-(``train=False``) and the saved posterior (:class:`varlora.posterior.Posterior`).
+r"""Samples of a mean-field Gaussian posterior: the one sampler of IVON's training and evaluation samples and of
+the saved posterior (:class:`varlora.posterior.Posterior`).
 
-A sample is :math:`\theta = m + \sqrt\tau\,\sigma\odot\epsilon` with :math:`\epsilon \sim \mathcal N(0, I)`
-and :math:`\tau \in [0, 1]` (:math:`\tau = 1` the posterior, :math:`\tau = 0` its mean). The noise layout is
-fixed: one ``torch.randn(shape, dtype=float32, generator=generator)`` per parameter, in the order given
-(sorted names for :func:`perturbed_named_params`), on the generator's device. So the same generator state
-gives the same sample on any device and for any :math:`\tau` (common random numbers: samples at several
-:math:`\tau` from one seed share :math:`\epsilon`; :math:`\tau = 0` still consumes the draws).
+A sample is :math:`\theta = m + \sqrt\tau\,\sigma\odot\epsilon` with :math:`\epsilon \sim \mathcal N(0, I)` and
+:math:`\tau \in [0, 1]` (:math:`\tau = 1` the posterior, as in training; :math:`\tau = 0` its mean). The noise
+layout is fixed: one ``torch.randn`` per parameter, in the order given, shaped like it, in :math:`\sigma`'s dtype
+(float32, float64 for float64 parameters), drawn by the generator of the parameter's device. So a generator state
+gives the same sample for any :math:`\tau` (common random numbers: :math:`\tau = 0` still consumes the draws),
+and a CPU model the same samples as before this module drew on the device.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_tau", "perturbed_named_params", "perturbed_params", "stacked_named_samples"]
+__all__ = ["GeneratorSource", "check_tau", "perturbed_named_params", "perturbed_params", "standard_normal",
+           "stacked_named_samples"]
+
+#: A generator, or a function giving the generator of a device (the optimizer's noise streams).
+GeneratorSource = torch.Generator | Callable[[torch.device], torch.Generator]
 
 
 def check_tau(tau: float) -> float:
@@ -32,31 +36,63 @@ def check_tau(tau: float) -> float:
     return value
 
 
+def standard_normal(like: Sequence[Tensor], generator: GeneratorSource, out: Sequence[Tensor] | None = None
+                    ) -> list[Tensor]:
+    r""":math:`\epsilon_k \sim \mathcal N(0, I)`, one ``torch.randn`` per tensor of ``like``, in order: shaped like
+    it, in its dtype promoted to at least float32, on its device (written into ``out`` when given). A function
+    ``generator`` gives each device's generator; a single generator on another device draws there, and the draws
+    are copied over."""
+    eps = list(out) if out is not None else [torch.empty(t.shape, dtype=torch.promote_types(t.dtype, torch.float32),
+                                                         device=t.device) for t in like]
+    for e in eps:
+        gen = generator(e.device) if callable(generator) else generator
+        if gen.device == e.device:
+            e.normal_(generator=gen)  # the values of torch.randn(e.shape, generator=gen)
+        else:
+            e.copy_(torch.randn(e.shape, generator=gen, dtype=e.dtype, device=gen.device))
+    return eps
+
+
+def _scaled(stds: Sequence[Tensor], tau: float) -> list[Tensor]:
+    r""":math:`\sqrt\tau\,\sigma` (the very tensors for :math:`\tau = 1`)."""
+    return list(stds) if tau == 1.0 else torch._foreach_mul(list(stds), math.sqrt(tau))
+
+
+def _check_shapes(params: Sequence[Tensor], *others: Sequence[Tensor]) -> None:
+    for p, *ts in zip(params, *others, strict=True):
+        for t in ts:
+            if t.shape != p.shape:
+                raise ValueError(f"std or noise of shape {tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
+
+
 @contextmanager
 def perturbed_params(
     params: Sequence[Tensor],
     stds: Sequence[Tensor],
     *,
     tau: float,
-    generator: torch.Generator | None = None,
+    generator: GeneratorSource | None = None,
     noise: Sequence[Tensor] | None = None,
     means: Sequence[Tensor] | None = None,
-) -> Iterator[None]:
-    r"""Context in which each ``params[k]`` holds :math:`m_k + \sqrt\tau\,\sigma_k\odot\epsilon_k`.
+    buffers: tuple[Sequence[Tensor], Sequence[Tensor]] | None = None,
+) -> Iterator[list[Tensor] | None]:
+    r"""Context in which each ``params[k]`` holds :math:`m_k + \sqrt\tau\,\sigma_k\odot\epsilon_k`; it yields the
+    offsets :math:`\sqrt\tau\,\sigma_k\odot\epsilon_k` (None for :math:`\tau = 0`, which leaves the parameters
+    exactly as they are; the draws are still made).
 
     Args:
-        params: the parameters, perturbed in place in this order; restored exactly on exit, also when the
-            body raises.
-        stds: :math:`\sigma_k`, shaped like the parameters (any device and floating dtype).
+        params: the parameters, perturbed in place in this order; restored exactly on exit, also when the body
+            raises.
+        stds: :math:`\sigma_k`, shaped like the parameters, on their devices (the offsets are in their dtype).
         tau: :math:`\tau \in [0, 1]`; ``ValueError`` otherwise.
-        generator: the source of :math:`\epsilon_k` (float32 draws on its device, in ``params`` order).
+        generator: the source of :math:`\epsilon_k` (see :func:`standard_normal`).
         noise: explicit :math:`\epsilon_k` instead of ``generator`` (one tensor per parameter).
-        means: :math:`m_k` at full precision (e.g. fp32 master copies of bf16 parameters); default: the
-            parameters' own values.
+        means: :math:`m_k` at full precision (fp32 master copies of bf16 parameters); default: the parameters.
+        buffers: (backups, offsets): tensors shaped like the parameters, in :math:`\sigma`'s dtype, to use instead of
+            allocating (a training loop reuses them every step). ``stds`` may be the backup buffers themselves:
+            they are read before the backups are written.
 
-    The perturbation :math:`(\sqrt\tau\,\sigma_k)\odot\epsilon_k` is computed in :math:`\sigma_k`'s dtype on
-    its device, moved to the parameter's device, added to :math:`m_k` (with type promotion) and rounded once
-    to the parameter's dtype. With :math:`\tau = 0` the parameters are left exactly as they are.
+    Each parameter becomes :math:`m_k` plus its offset, rounded once to its dtype.
     """
     tau = check_tau(tau)
     if len(stds) != len(params):
@@ -65,44 +101,46 @@ def perturbed_params(
         raise ValueError("pass exactly one of generator and noise")
     if noise is not None and len(noise) != len(params):
         raise ValueError(f"noise has {len(noise)} tensors for {len(params)} parameters")
-    for p, s in zip(params, stds, strict=True):
-        if s.shape != p.shape:
-            raise ValueError(f"std of shape {tuple(s.shape)} for a parameter of shape {tuple(p.shape)}")
-    scale = math.sqrt(tau)
+    _check_shapes(params, stds, *([noise] if noise is not None else []))
+    params = list(params)
     with torch.no_grad():
-        backups = [p.detach().clone() for p in params]
+        if noise is not None:
+            offsets = [e.to(s.device, s.dtype, copy=True) for e, s in zip(noise, stds, strict=True)]
+        else:
+            offsets = standard_normal(stds, generator, out=None if buffers is None else buffers[1])
+        if tau != 0.0 and params:
+            torch._foreach_mul_(offsets, _scaled(stds, tau))  # (√τσ)⊙ε
+            if buffers is None:
+                backups = [p.detach().clone() for p in params]
+            else:
+                backups = list(buffers[0])
+                torch._foreach_copy_(backups, params)
+    if tau == 0.0 or not params:
+        yield None
+        return
     try:
         with torch.no_grad():
-            for k, (p, std) in enumerate(zip(params, stds, strict=True)):
-                if noise is not None:
-                    eps = noise[k]
-                    if eps.shape != p.shape:
-                        raise ValueError(f"noise of shape {tuple(eps.shape)} for a parameter of shape "
-                                         f"{tuple(p.shape)}")
-                else:
-                    eps = torch.randn(p.shape, generator=generator, dtype=torch.float32, device=generator.device)
-                if tau == 0.0:
-                    continue
-                delta = (scale * std) * eps.to(device=std.device, dtype=std.dtype)  # √τ σ⊙ε
-                mean = p if means is None else means[k]
-                p.copy_(torch.add(mean, delta.to(p.device)))  # θ = m + √τ σ⊙ε, rounded once
-        yield
+            if means is None or all(m is p for m, p in zip(means, params, strict=True)):
+                torch._foreach_add_(params, offsets)  # θ = m + √τ σ⊙ε
+            else:
+                torch._foreach_copy_(params, torch._foreach_add(list(means), offsets))
+        yield offsets
     finally:
         with torch.no_grad():
-            for p, backup in zip(params, backups, strict=True):
-                p.copy_(backup)
+            torch._foreach_copy_(params, backups)
 
 
 def perturbed_named_params(
     params: Mapping[str, Tensor], stds: Mapping[str, Tensor], *, tau: float, generator: torch.Generator
-) -> AbstractContextManager[None]:
+) -> AbstractContextManager[list[Tensor] | None]:
     """:func:`perturbed_params` over the parameters in sorted-name order (``stds`` keyed by the same names):
     the saved posterior's sampler."""
     missing = sorted(set(params) - set(stds))
     if missing:
         raise ValueError(f"no std for the parameters {missing}")
     names = sorted(params)
-    return perturbed_params([params[n] for n in names], [stds[n] for n in names], tau=tau, generator=generator)
+    return perturbed_params([params[n] for n in names], [stds[n].to(params[n].device) for n in names], tau=tau,
+                            generator=generator)
 
 
 def stacked_named_samples(
@@ -112,9 +150,9 @@ def stacked_named_samples(
     r"""``n_samples`` samples :math:`\theta_s = m + \sqrt\tau\,\sigma\odot\epsilon_s` at once: name →
     (S, \*shape) tensor in the parameter's dtype and device.
 
-    The noise is drawn exactly as ``n_samples`` successive :func:`perturbed_named_params` blocks draw it from
-    ``generator`` (sample by sample, each in sorted-name order) and rounded the same way, so sample ``s`` equals
-    the parameters inside the ``s``-th block bit for bit. The parameters themselves are not modified.
+    The noise is drawn as ``n_samples`` successive :func:`perturbed_named_params` blocks draw it from
+    ``generator`` and rounded the same way, so sample ``s`` equals the parameters inside the ``s``-th block bit
+    for bit. The parameters themselves are not modified.
     """
     tau = check_tau(tau)
     if n_samples < 1:
@@ -123,19 +161,15 @@ def stacked_named_samples(
     if missing:
         raise ValueError(f"no std for the parameters {missing}")
     names = sorted(params)
-    for n in names:
-        if stds[n].shape != params[n].shape:
-            raise ValueError(f"std of shape {tuple(stds[n].shape)} for a parameter of shape {tuple(params[n].shape)}")
-    scale = math.sqrt(tau)
-    out: dict[str, list[Tensor]] = {n: [] for n in names}
+    ps, ss = [params[n].detach() for n in names], [stds[n].to(params[n].device) for n in names]
+    _check_shapes(ps, ss)
+    samples: list[list[Tensor]] = []
     with torch.no_grad():
         for _ in range(n_samples):
-            for n in names:
-                p, std = params[n], stds[n]
-                eps = torch.randn(p.shape, generator=generator, dtype=torch.float32, device=generator.device)
-                if tau == 0.0:
-                    out[n].append(p.detach().clone())
-                    continue
-                delta = (scale * std) * eps.to(device=std.device, dtype=std.dtype)  # √τ σ⊙ε
-                out[n].append(torch.add(p.detach(), delta.to(p.device)).to(p.dtype))  # rounded once
-    return {n: torch.stack(v) for n, v in out.items()}
+            offsets = standard_normal(ss, generator)
+            if tau == 0.0:
+                samples.append([p.clone() for p in ps])
+                continue
+            torch._foreach_mul_(offsets, _scaled(ss, tau))
+            samples.append([torch.add(p, d).to(p.dtype) for p, d in zip(ps, offsets, strict=True)])
+    return {n: torch.stack([sample[k] for sample in samples]) for k, n in enumerate(names)}
