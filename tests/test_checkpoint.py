@@ -183,9 +183,9 @@ def test_a_crafted_pickle_checkpoint_cannot_run_code(tmp_path):
     marker.unlink()
     with pytest.raises(ValueError) as info:
         read_checkpoint(path)
-    assert str(info.value) == (f"{path} is not a checkpoint written by varlora: it is a pickle that needs posix.system, "
-                               "which varlora's checkpoints never hold, so it was not loaded (unpickling it could run "
-                               "code); delete it to restart the run")
+    assert str(info.value) == (f"{path} is not a checkpoint written by varlora: it is a pickle that needs "
+                               "posix.system, which varlora's checkpoints never hold, so it was not loaded (unpickling "
+                               "it could run code); delete it to restart the run")
     assert not marker.exists()
 
 
