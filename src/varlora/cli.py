@@ -34,6 +34,18 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _number_or(number: type, words: list[str]):
+    def parse(text: str):
+        if text in words:
+            return text
+        try:
+            return number(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or one of {words}, got {text!r}") from None
+
+    return parse
+
+
 def _optional(parse):
     def parse_optional(text: str):
         return None if text.lower() in ("none", "null") else parse(text)
@@ -46,6 +58,10 @@ def _argument_spec(annotation: Any) -> dict[str, Any]:
     origin = get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in get_args(annotation) if a is not type(None)]
+        words = [w for a in inner if get_origin(a) is Literal for w in get_args(a)]
+        if words:  # a number or a word, e.g. `float | Literal["auto"]`
+            number = next(a for a in inner if get_origin(a) is not Literal)
+            return {"type": _number_or(number, words), "metavar": f"{number.__name__.upper()}|{'|'.join(words)}"}
         spec = _argument_spec(inner[0])
         spec["type"] = _optional(spec["type"])
         return spec

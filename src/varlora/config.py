@@ -170,13 +170,18 @@ class DataArgs:
     holdout: int | None = option(
         "tuning mode: evaluate on N examples held out of the training split (seed 0) instead of the "
         "validation split, and train on the rest", default=None)
+    calibration: int | None = option(
+        "K of the training questions (data.train_limit of them, chosen with the run seed) kept out of training "
+        "for what is fitted after it: every post-hoc fit (temperature, TFB's anchors, IVON's tau) and the "
+        "calibration layer that temperature-scales each prediction row; so every method sees the same labelled "
+        "questions", default=None)
     max_length: int = option("maximum tokens per sequence (long passages are truncated, never the answer cue)",
                             default=512)
     length_normalize: bool = option("cloze: mean per-token log-likelihood instead of the sum", default=True)
 
     def __post_init__(self) -> None:
         check(self.scoring in ("letter", "cloze"), "data.scoring", self.scoring, "must be letter or cloze")
-        for name in ("train_limit", "eval_limit", "holdout"):
+        for name in ("train_limit", "eval_limit", "holdout", "calibration"):
             value = getattr(self, name)
             check(value is None or value >= 1, f"data.{name}", value, "must be >= 1 or unset")
         check(self.max_length >= 16, "data.max_length", self.max_length, "must be >= 16")
@@ -224,6 +229,10 @@ class EvalArgs:
         "weights by batched matmul) instead of one forward each; the same noise, equal up to float rounding (off: not "
         "faster on CPU in benchmarks/sampled_eval.py)",
         default=False)
+    samples_per_forward: int = option(
+        "IVON with batched_samples: posterior samples folded into one forward, the memory cap of the batched path "
+        "(a forward holds samples_per_forward x batch_size rows; the predictions do not depend on it beyond float "
+        "rounding); 0 = all n_samples", default=0)
     ood_tasks: list[str] = option("other tasks to evaluate the final posterior on (out of distribution)",
                                  default_factory=list)
 
@@ -233,6 +242,8 @@ class EvalArgs:
                self.taus, "must be a non-empty list of values in [0, 1]")
         check(self.n_bins >= 1, "eval.n_bins", self.n_bins, "must be >= 1")
         check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+        check(self.samples_per_forward >= 0, "eval.samples_per_forward", self.samples_per_forward,
+              "must be >= 0 (0 = all n_samples)")
 
 
 CONFIG_GROUPS: dict[str, type] = {
@@ -268,9 +279,15 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     string) become numbers. Raises ConfigError naming the field and value otherwise."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value is None:
+        if value is None and type(None) in typing.get_args(annotation):
             return None
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        words = [w for a in options if typing.get_origin(a) is typing.Literal for w in typing.get_args(a)]
+        if value in words:  # e.g. "auto" of a `float | Literal["auto"]` field
+            return value
+        annotation = next((a for a in options if typing.get_origin(a) is not typing.Literal), options[0])
+        if words and (isinstance(value, bool) or not isinstance(value, int | float | str)):
+            raise ConfigError(f"{where}={value!r}: must be a number or one of {words}")
         origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         if value not in typing.get_args(annotation):

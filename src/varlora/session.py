@@ -6,8 +6,12 @@
 - ``train_examples``: ``data.train_limit`` random examples of the train split (seeded by the run seed);
 - ``val_examples``: ``data.eval_limit`` examples of the validation split chosen with seed 0 (the same for
   every run and seed), or, in tuning mode (``data.holdout = N``), N training examples chosen with seed 0;
-- :meth:`Session.heldout_train_examples`: training-split examples that are neither trained on nor evaluated,
-  for what a post-hoc method fits (a temperature, TFB's anchor set). Evaluation data is never among them.
+- ``calibration_examples``: with ``data.calibration = K``, K of the ``data.train_limit`` questions (chosen with
+  the run seed) that training leaves out, for every post-hoc fit and the calibration layer
+  (:mod:`varlora.calibration`): every method of a task and seed then uses the same N labelled questions;
+- :meth:`Session.heldout_train_examples`: what a post-hoc method fits on (a temperature, TFB's anchor set): the
+  calibration examples where there are, else training-split examples that are neither trained on nor evaluated.
+  Evaluation data is never among them.
 
 All three are tokenised and checked by the scorer when the session is set up, before any training step
 (:meth:`varlora.scoring.Scorer.prepare`): a row that cannot be scored stops the run there, named by file and
@@ -51,6 +55,7 @@ class Session:
     train_examples: list[Example]
     val_examples: list[Example]
     unused_train_examples: list[Example] = field(default_factory=list)
+    calibration_examples: list[Example] = field(default_factory=list)
     truncation: dict[str, TruncationReport] = field(default_factory=dict)  # "train", "validation", ... -> report
     _eval_splits: dict[str, tuple[list[Example], Scorer]] = field(default_factory=dict, repr=False)
 
@@ -77,10 +82,14 @@ class Session:
         return [self.train_examples[i] for i in indices]
 
     def heldout_train_examples(self, n: int, field_name: str = "held-out examples") -> list[Example]:
-        """``n`` training-split examples never trained on nor evaluated, chosen with the run seed.
+        """The examples a post-hoc fit uses: all the calibration examples where ``data.calibration`` is set (one
+        labelled-data budget for every method: ``n`` is then not used), else ``n`` training-split examples never
+        trained on nor evaluated, chosen with the run seed.
 
         Raises ConfigError naming ``field_name`` when the train split has fewer unused examples.
         """
+        if self.config.data.calibration:
+            return self.calibration_examples
         pool = self.unused_train_examples
         if n > len(pool):
             raise ConfigError(f"invalid {field_name}={n}: only {len(pool)} examples of the train split of "
@@ -121,12 +130,14 @@ def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True, ne
         return Session(config, paths, model, lora_parameters(model), tokenizer, None, [], [], [])
     task = get_task(config.data.task)
     train_examples, val_examples, unused = load_splits(task, config, need_train=need_train)
+    train_examples, calibration = calibration_split(train_examples, config)
     scorer = scorer_for(config, tokenizer, task)
-    splits = {"train": train_examples, "validation": val_examples, "unused train": unused}
+    splits = {"train": train_examples, "validation": val_examples, "unused train": unused,
+              "calibration": calibration}
     truncation = {label: scorer.prepare(examples, f"{task.name} {label}") for label, examples in splits.items()
                   if examples}
     return Session(config, paths, model, lora_parameters(model), tokenizer, scorer, train_examples, val_examples,
-                   unused, truncation)
+                   unused, calibration, truncation)
 
 
 def scorer_for(config: RunConfig, tokenizer, task: Task) -> Scorer:
@@ -163,6 +174,21 @@ def load_splits(task: Task, config: RunConfig,
         unused = [rest[i] for i in range(len(rest)) if i not in chosen]
         rest = [rest[i] for i in sorted(chosen)]
     return (rest if need_train else []), held[: d.eval_limit], (unused if need_train else [])
+
+
+def calibration_split(examples: list[Example], config: RunConfig) -> tuple[list[Example], list[Example]]:
+    """(training, calibration) examples: ``data.calibration`` of ``examples`` chosen with the run seed, in their
+    order, and the rest; (``examples``, []) without it."""
+    k = config.data.calibration
+    if not k or not examples:
+        return examples, []
+    if k >= len(examples):
+        raise ConfigError(f"invalid data.calibration={k}: the run has only {len(examples)} training questions "
+                          "(data.train_limit); keep some to train on")
+    pick = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.train.seed + 7_919))
+    chosen = set(pick[:k].tolist())
+    return ([ex for i, ex in enumerate(examples) if i not in chosen],
+            [ex for i, ex in enumerate(examples) if i in chosen])
 
 
 def load_adapter_weights(model: torch.nn.Module, folder: Path, adapter_name: str = "default") -> None:

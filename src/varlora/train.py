@@ -45,7 +45,7 @@ from typing import Any
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from varlora import _io, distributed
+from varlora import _io, calibration, distributed
 from varlora.checkpoint import (
     file_digests,
     file_sha256,
@@ -186,6 +186,8 @@ def _train_or_reuse(session: Session, method: Method, reuse: Path | None, memory
     memory.reset()
     started = time.perf_counter()
     stage["posthoc"] = method.fit_posthoc(log)
+    if session.calibration_examples:
+        stage["calibration_layer"] = _fit_calibration_layer(session, method, log)
     stage["fit_seconds"] = time.perf_counter() - started
     stage["peak_fit_bytes"] = memory.read()
     stage |= method.extra_bytes()  # after the fit: a posterior (IVON's σ, Laplace's factors) exists now
@@ -193,6 +195,16 @@ def _train_or_reuse(session: Session, method: Method, reuse: Path | None, memory
         stage["optimizer_state_bytes"] = stage.pop("map_optimizer_state_bytes")
     stage["memory_kind"] = weakest([memory.kind, stage.pop("map_memory_kind", memory.kind)])
     return stage
+
+
+def _fit_calibration_layer(session: Session, method: Method, log: Log) -> dict[str, Any]:
+    """The temperature of each of the method's rows on the run's calibration questions (:mod:`varlora.calibration`)."""
+    examples = session.calibration_examples
+    fitted = calibration.fit_layer(method.predict(examples, session.scorer))
+    for label, fit in fitted.items():
+        log(f"calibration layer: {label} T = {fit['temperature']:.4f} on {len(examples)} calibration questions "
+            f"(NLL there {fit['nll_before']:.4f} → {fit['nll_after']:.4f})")
+    return fitted
 
 
 def _save_final(session: Session, method: Method, stage: dict[str, Any]) -> None:
@@ -237,13 +249,21 @@ def evaluate_run(session: Session, method: Method, task_name: str | None = None,
     if memory is not None:
         memory.reset()
     started = time.perf_counter()
-    predictions = [finish(p, session.config.eval.n_bins) for p in method.predict(examples, scorer)]
+    predictions = method.predict(examples, scorer)
+    predictions = [finish(p, session.config.eval.n_bins)
+                   for p in predictions + calibration.apply_layer(predictions, _calibration_layer(session))]
     seconds = time.perf_counter() - started
     peak = memory.read() if memory is not None else None
     record = _save_predictions(session, task_name, predictions, seconds, peak,
                                memory.kind if memory is not None else None)
     _log_rows(task_name, record["predictions"], len(examples), log)
     return predictions, record
+
+
+def _calibration_layer(session: Session) -> dict[str, Any]:
+    """The calibration layer the run fitted after training ({} where it has none), from ``final/stage.json``."""
+    stage = session.paths.final / STAGE_FILE
+    return json.loads(stage.read_text()).get("calibration_layer", {}) if stage.is_file() else {}
 
 
 def _log_rows(task_name: str, rows: list[dict[str, Any]], n: int, log: Log) -> None:
