@@ -2,7 +2,8 @@
 
 Oracle: the sequential path (:func:`perturbed_named_params` per sample, one forward each) with the same
 generator; checked for both cloze paths (shared-prefix KV cache, one sequence per pair) and the letter
-protocol, and through IVON's predict on a trained run.
+protocol, in chunks of ``samples_per_forward`` against one fold of all S, and through IVON's predict on a
+trained run.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from conftest import tiny_letter_tokenizer, tiny_llama, tiny_tokenizer
 from varlora._batched_lora import batched_lora, fold_batch, supports
 from varlora.config import LoraArgs
-from varlora.evaluate import predict_logits
+from varlora.evaluate import batched_sample_logits, predict_logits
 from varlora.models import attach_lora, lora_parameters
 from varlora.optim.sampling import perturbed_named_params, stacked_named_samples
 from varlora.predictor import _PromptTask
@@ -82,6 +83,22 @@ def test_folded_forward_equals_sequential_samples(mode, share_prefix):
     assert torch.equal(predict_logits(model, scorer, examples, batch_size=3), at_mean)
 
 
+@pytest.mark.parametrize("per_forward", [1, 3])
+def test_samples_in_chunks_equal_all_samples_in_one_forward(per_forward):
+    """The memory cap changes how many samples share a forward, not the logits (3 leaves a chunk of 1)."""
+    model, params, stds = _model()
+    scorer = make_scorer("cloze", tiny_tokenizer(), _PromptTask("t", TEMPLATES["multiple_choice"], 4), max_length=64)
+    examples = _examples()
+    samples = stacked_named_samples(params, stds, tau=1.0, generator=torch.Generator().manual_seed(3), n_samples=S)
+    whole = batched_sample_logits(model, scorer, examples, 3, samples)
+    chunked = batched_sample_logits(model, scorer, examples, 3, samples, samples_per_forward=per_forward)
+    assert chunked.shape == whole.shape == (S, 7, 4)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)  # float32 matmuls of other row counts
+    assert not torch.equal(whole[0], whole[1])
+    with pytest.raises(ValueError, match="samples_per_forward"):
+        batched_sample_logits(model, scorer, examples, 3, samples, samples_per_forward=0)
+
+
 def test_batched_lora_refuses_what_it_cannot_sample():
     model, params, _ = _model()
     partial = {n: p[None] for n, p in list(params.items())[:2]}
@@ -108,11 +125,12 @@ def test_ivon_predicts_the_same_batched_and_sequential(tmp_path):
     session, method = load_run(tmp_path / "run")
     assert not session.config.eval.batched_samples  # the default
     sequential = method.predict(session.val_examples, session.scorer)
-    session.config.eval = replace(session.config.eval, batched_samples=True)
-    batched = method.predict(session.val_examples, session.scorer)
-    assert [p.label for p in batched] == [p.label for p in sequential] == ["ivon@mean", "ivon[tau=0.5]", "ivon"]
-    for b, s in zip(batched, sequential, strict=True):
-        assert b.n_samples == s.n_samples and b.forward_passes == s.forward_passes
-        torch.testing.assert_close(b.probs, s.probs, rtol=0, atol=1e-5)
-        if s.sample_probs is not None:
-            torch.testing.assert_close(b.sample_probs, s.sample_probs, rtol=0, atol=1e-5)
+    for per_forward in (0, 2):  # all 3 samples in one forward; in chunks of 2 (the last one shorter)
+        session.config.eval = replace(session.config.eval, batched_samples=True, samples_per_forward=per_forward)
+        batched = method.predict(session.val_examples, session.scorer)
+        assert [p.label for p in batched] == [p.label for p in sequential] == ["ivon@mean", "ivon[tau=0.5]", "ivon"]
+        for b, s in zip(batched, sequential, strict=True):
+            assert b.n_samples == s.n_samples and b.forward_passes == s.forward_passes
+            torch.testing.assert_close(b.probs, s.probs, rtol=0, atol=1e-5)
+            if s.sample_probs is not None:
+                torch.testing.assert_close(b.sample_probs, s.sample_probs, rtol=0, atol=1e-5)

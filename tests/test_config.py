@@ -49,6 +49,7 @@ def test_a_config_written_with_train_optimizer_is_still_read():
         ({"lora": {"target_modules": "q_proj"}}, "lora.target_modules='q_proj': must be a list"),
         ({"lora": {"dropout": 1.0}}, "lora.dropout=1.0"),
         ({"eval": {"taus": [0.0, 1.5]}}, "eval.taus=[0.0, 1.5]"),
+        ({"eval": {"samples_per_forward": -1}}, "eval.samples_per_forward=-1"),
         ({"trian": {}}, "unknown section(s) ['trian']"),
         ({"method": {"name": "sgld"}}, "method.name='sgld': must be one of"),
         ({"ensemble": {"members": 1}}, "ensemble.members=1"),

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from varlora.methods.base import Method
 
 __all__ = ["Prediction", "predict_logits", "deterministic_prediction", "sampled_prediction",
-           "batched_sampled_prediction", "finish", "labels_of"]
+           "batched_sample_logits", "batched_sampled_prediction", "finish", "labels_of"]
 
 
 @torch.no_grad()
@@ -103,24 +103,40 @@ def sampled_prediction(method: Method, label: str, examples: Sequence[Example], 
                       sample_probs=sample_probs, **{"n_samples": n_samples, "forward_passes": n_samples, **fields})
 
 
+@torch.no_grad()
+def batched_sample_logits(model: torch.nn.Module, scorer, examples: Sequence[Example], batch_size: int,
+                          samples: Mapping[str, torch.Tensor], samples_per_forward: int | None = None) -> torch.Tensor:
+    """Choice logits (S, N, K) float64 of the S samples of the LoRA weights ``samples`` (name → (S, \\*shape)),
+    folded ``samples_per_forward`` at a time (None: all S) into each forward (:mod:`varlora._batched_lora`).
+
+    ``samples_per_forward`` is the memory cap of the batched path: a forward holds ``samples_per_forward ×
+    batch_size`` rows, so its activations (the logits over the vocabulary foremost) grow with it, while the
+    result does not depend on it beyond float rounding.
+    """
+    S = next(iter(samples.values())).shape[0]
+    if samples_per_forward is not None and samples_per_forward < 1:
+        raise ValueError(f"samples_per_forward must be >= 1 (or None for all), got {samples_per_forward}")
+    step = min(samples_per_forward or S, S)
+    chunks = []
+    for start in range(0, S, step):
+        with batched_lora(model, {n: t[start : start + step] for n, t in samples.items()}) as n:
+            chunks.append(predict_logits(model, scorer, examples, batch_size, n_samples=n))  # (n, N, K)
+    return torch.cat(chunks)
+
+
 def batched_sampled_prediction(method: Method, label: str, examples: Sequence[Example], scorer: Any,
                                samples: Mapping[str, torch.Tensor], samples_per_forward: int | None = None,
                                **fields: Any) -> Prediction:
     """:func:`sampled_prediction` with the S samples of the LoRA weights given at once (name → (S, \\*shape),
-    e.g. :func:`varlora.optim.sampling.stacked_named_samples`) and run ``samples_per_forward`` at a time
-    (default: all S) in one folded forward each (:mod:`varlora._batched_lora`); equal to the sequential path
-    up to float rounding."""
+    e.g. :func:`varlora.optim.sampling.stacked_named_samples`), run ``samples_per_forward`` at a time (None: all
+    S) in one folded forward each (:func:`batched_sample_logits`); equal to the sequential path up to float
+    rounding."""
     model = method.session.model
-    S = next(iter(samples.values())).shape[0]
-    step = samples_per_forward or S
-    stacked = []
     with eval_mode(model):
-        for start in range(0, S, step):
-            part = {n: t[start : start + step] for n, t in samples.items()}
-            with batched_lora(model, part) as n:
-                logits = predict_logits(model, scorer, examples, method.config.eval.batch_size, n_samples=n)
-            stacked.append(torch.softmax(logits, -1))  # (n, N, K)
-    sample_probs = torch.cat(stacked)  # (S, N, K)
+        logits = batched_sample_logits(model, scorer, examples, method.config.eval.batch_size, samples,
+                                       samples_per_forward)
+    sample_probs = torch.softmax(logits, -1)  # (S, N, K)
+    S = sample_probs.shape[0]
     return Prediction(label=label, method=method.name, probs=sample_probs.mean(0), labels=labels_of(examples),
                       sample_probs=sample_probs, **{"n_samples": S, "forward_passes": S, **fields})
 
