@@ -1,5 +1,6 @@
 """The Kronecker-factored Laplace core (varlora.methods._kfac) against closed forms, dense brute force and
-laplace-torch. Everything runs in float64, so agreements are to rounding (~1e-12 relative) unless stated."""
+laplace-torch. Everything runs in float64, so agreements are to rounding (~1e-12 relative) unless stated; the
+float32 factors of float32 and bf16 models are checked against the float64 fit."""
 
 from __future__ import annotations
 
@@ -175,6 +176,51 @@ def test_save_load_gives_identical_probabilities(lora_cloze, tmp_path):
         a = glm_probs(*moments, link, 8, torch.Generator().manual_seed(3))
         b = glm_probs(*moments_back, link, 8, torch.Generator().manual_seed(3))
         assert torch.equal(a[0], b[0])
+
+
+def _fits_in(model, scorer, dtype):
+    layers = lora_layers(model)
+    fn = lambda b: scorer.choice_logits(model, b)  # noqa: E731
+    la = fit_kron_laplace(fn, layers, [scorer.collate(MC[:2]), scorer.collate(MC[2:])], dtype=dtype)
+    return la, glm_moments(fn, layers, la, scorer.collate(MC))
+
+
+def _assert_close_to_float64(la, moments, ref, ref_moments):
+    """The float32 posterior against the float64 one: the eigenvalues of every G ⊗ A to 1e-5 of the layer's
+    largest, log Z and the optimal δ to 1e-4 relative, the GLM mean to 1e-6 and covariance to 1e-4 relative
+    (float32 rounding of sums over ~100 positions; the float64 fit agrees with dense autograd to 1e-9)."""
+    for name in ref.eig:
+        lam, lam_ref = (x.eigenvalues(name).double().cpu().flatten().sort().values for x in (la, ref))
+        torch.testing.assert_close(lam, lam_ref, rtol=0, atol=1e-5 * float(lam_ref.max()))
+    assert float(la.log_marglik()) == pytest.approx(float(ref.log_marglik()), rel=1e-4)
+    assert la.prior_precision == pytest.approx(ref.prior_precision, rel=1e-4)
+    torch.testing.assert_close(moments[0], ref_moments[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(moments[1], ref_moments[1], rtol=1e-4, atol=1e-4 * float(ref_moments[1].abs().max()))
+
+
+def test_float32_factors_match_the_float64_fit(lora_cloze):
+    """What a float32 or bf16 model gets (factors in float32) against the float64 fit, on the same float64 model."""
+    model, scorer = lora_cloze
+    ref, ref_moments = _fits_in(model, scorer, None)  # float64 weights: float64 factors
+    assert all(t.dtype == torch.float64 for e in ref.eig.values() for t in e)
+    la, moments = _fits_in(model, scorer, torch.float32)
+    assert all(t.dtype == torch.float32 for e in la.eig.values() for t in e)
+    assert la.nbytes() * 2 == ref.nbytes()
+    _assert_close_to_float64(la, moments, ref, ref_moments)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_factors_stay_on_the_device_in_float32(lora_cloze):
+    """A float32 model on the GPU: its factors are summed and decomposed there in float32, and agree with the
+    float64 fit on the CPU as in :func:`test_float32_factors_match_the_float64_fit`."""
+    import copy
+
+    model, scorer = lora_cloze
+    ref, ref_moments = _fits_in(model, scorer, None)
+    gpu = copy.deepcopy(model).to("cuda", torch.float32)
+    la, moments = _fits_in(gpu, scorer, None)
+    assert all(t.device.type == "cuda" and t.dtype == torch.float32 for e in la.eig.values() for t in e)
+    _assert_close_to_float64(la, moments, ref, ref_moments)
 
 
 def test_missing_choices_keep_zero_probability(f64):

@@ -33,6 +33,12 @@ eigenbasis: J̃ = Q_Gᵀ J_W Q_A, (J Σ Jᵀ)_{kl} = Σ_{W} Σ_{o,i} J̃_k[o,i] 
 Per-example Jacobians come from the same hooks (J_W = Σ_t g_t a_tᵀ over the example's positions), with one
 backward pass per class. Then either probit, softmax(f / √(1 + π/8 diag(JΣJᵀ))), or Monte Carlo: the mean of
 softmax over samples of f.
+
+Precision and placement. The factors are summed in the weights' dtype promoted to at least float32 (float32 for a
+bf16 or float32 model, float64 for a float64 one), on the weights' device when they fit there
+(:func:`factor_device`), and decomposed there; the posterior stays where the model is (:meth:`KronLaplace.to`), so
+neither the curvature pass nor an evaluation batch copies a factor between host and device. The scalar quantities
+of the prior fit (log Z, γ) are always float64, from a float64 copy of the eigenvalues.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["KronLaplace", "LinkApprox", "Subset", "fit_kron_laplace", "glm_moments", "glm_probs", "lora_layers"]
+__all__ = ["KronLaplace", "LinkApprox", "Subset", "factor_device", "fit_kron_laplace", "glm_moments", "glm_probs",
+           "lora_layers"]
 
 Batch = Mapping[str, Tensor]
 ModelFn = Callable[[Batch], Tensor]
@@ -144,7 +151,8 @@ class KronLaplace:
     """A Kronecker-factored Laplace posterior over the weights of named Linear layers.
 
     Attributes:
-        eig: per layer, (λ_G (out,), Q_G (out, out), λ_A (in,), Q_A (in, in)), float64, eigenvalues ≥ 0.
+        eig: per layer, (λ_G (out,), Q_G (out, out), λ_A (in,), Q_A (in, in)), eigenvalues ≥ 0, in the dtype and on
+            the device the factors were summed in (:meth:`to` moves them).
         map_sq_norm: ‖θ*‖², the squared norm of the MAP weights of these layers.
         n_params: P, the number of weights.
         n_data: N, the training examples the curvature was summed over.
@@ -169,28 +177,43 @@ class KronLaplace:
         log_lik: float,
         prior_precision: float = 1.0,
     ) -> KronLaplace:
-        """From Kronecker factors (G, A) per layer and the MAP weights (out, in) of the same layers."""
+        """From Kronecker factors (G, A) per layer and the MAP weights (out, in) of the same layers; the
+        eigendecompositions are computed in the factors' dtype on their device."""
         eig = {}
         for name, (G, A) in factors.items():
-            lg, qg = torch.linalg.eigh(G.double())
-            la, qa = torch.linalg.eigh(A.double())
+            lg, qg = torch.linalg.eigh(G)
+            la, qa = torch.linalg.eigh(A)
             # contiguous: a reloaded posterior has the same memory layout, hence bit-identical matmuls
             eig[name] = (lg.clamp_min(0), qg.contiguous(), la.clamp_min(0), qa.contiguous())
-        sq = sum(float(weights[n].detach().double().pow(2).sum()) for n in factors)
+        sq = float(sum(weights[n].detach().double().pow(2).sum().cpu() for n in factors))
         n_params = sum(weights[n].numel() for n in factors)
         return cls(eig, sq, n_params, n_data, float(log_lik), float(prior_precision))
 
     def eigenvalues(self, name: str) -> Tensor:
-        """λ_G λ_Aᵀ (out, in): the eigenvalues of layer ``name``'s G ⊗ A, arranged like its weight."""
+        """λ_G λ_Aᵀ (out, in): the eigenvalues of layer ``name``'s G ⊗ A, arranged like its weight (the
+        posterior's dtype and device)."""
         lg, _, la, _ = self.eig[name]
         return lg[:, None] * la[None, :]
+
+    def _eigenvalues64(self, name: str) -> Tensor:
+        """:meth:`eigenvalues` in float64 on the host, copied once: the prior fit evaluates log Z ~100 times."""
+        if name not in self._cache:
+            lg, _, la, _ = self.eig[name]
+            self._cache[name] = lg.double().cpu()[:, None] * la.double().cpu()[None, :]
+        return self._cache[name]
+
+    def to(self, device: torch.device | str) -> KronLaplace:
+        """This posterior with its eigendecompositions on ``device`` (the model's: the predictive multiplies
+        them with the layers' activations and gradients)."""
+        eig = {n: tuple(t.to(device) for t in e) for n, e in self.eig.items()}
+        return KronLaplace(eig, self.map_sq_norm, self.n_params, self.n_data, self.log_lik, self.prior_precision)
 
     def log_marglik(self, prior_precision: float | Tensor | None = None) -> Tensor:
         """log Z(δ) (see the module docstring); ``prior_precision`` may be a 1-D tensor of values."""
         delta = torch.as_tensor(self.prior_precision if prior_precision is None else prior_precision,
                                 dtype=torch.float64)
         d = delta.reshape(-1, 1)  # (D, 1)
-        logdet = sum(torch.log(self.eigenvalues(n).reshape(1, -1) + d).sum(-1) for n in self.eig)  # (D,)
+        logdet = sum(torch.log(self._eigenvalues64(n).reshape(1, -1) + d).sum(-1) for n in self.eig)  # (D,)
         value = self.log_lik - 0.5 * (logdet - self.n_params * torch.log(d[:, 0]) + d[:, 0] * self.map_sq_norm)
         return value.reshape(delta.shape)
 
@@ -222,7 +245,7 @@ class KronLaplace:
     def effective_params(self, prior_precision: float | None = None) -> float:
         """γ = Σ λ / (λ + δ): MacKay's effective number of parameters (= δ ‖θ*‖² at the optimal δ)."""
         delta = self.prior_precision if prior_precision is None else prior_precision
-        return float(sum((lam / (lam + delta)).sum() for lam in map(self.eigenvalues, self.eig)))
+        return float(sum((lam / (lam + delta)).sum() for lam in map(self._eigenvalues64, self.eig)))
 
     # ---- saving ---------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
@@ -230,7 +253,7 @@ class KronLaplace:
         for name, (lg, qg, la, qa) in self.eig.items():
             out |= {f"{name}.eigvals_G": lg, f"{name}.eigvecs_G": qg, f"{name}.eigvals_A": la,
                     f"{name}.eigvecs_A": qa}
-        return {k: v.contiguous() for k, v in out.items()}
+        return {k: v.cpu().contiguous() for k, v in out.items()}
 
     def metadata(self) -> dict[str, str]:
         return {"map_sq_norm": repr(self.map_sq_norm), "n_params": str(self.n_params), "n_data": str(self.n_data),
@@ -240,39 +263,59 @@ class KronLaplace:
     @classmethod
     def from_state(cls, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> KronLaplace:
         names = metadata["layers"].split(",")
-        eig = {n: tuple(tensors[f"{n}.{k}"].double() for k in ("eigvals_G", "eigvecs_G", "eigvals_A", "eigvecs_A"))
+        eig = {n: tuple(tensors[f"{n}.{k}"] for k in ("eigvals_G", "eigvecs_G", "eigvals_A", "eigvecs_A"))
                for n in names}
         return cls(eig, float(metadata["map_sq_norm"]), int(metadata["n_params"]), int(metadata["n_data"]),
                    float(metadata["log_lik"]), float(metadata["prior_precision"]))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
+        return sum(t.numel() * t.element_size() for e in self.eig.values() for t in e)
+
+
+def factor_dtype(layers: Mapping[str, nn.Linear]) -> torch.dtype:
+    """The dtype the factors are summed in: the weights' promoted to at least float32."""
+    return torch.promote_types(next(iter(layers.values())).weight.dtype, torch.float32)
+
+
+def factor_device(layers: Mapping[str, nn.Linear], dtype: torch.dtype) -> torch.device:
+    """Where the factors of ``layers`` are summed: the weights' device, unless that is a GPU on which the factors
+    (out² + in² entries per layer in ``dtype``) would take more than half of the free memory; then the host, which
+    receives each batch's contribution once per layer."""
+    device = next(iter(layers.values())).weight.device
+    if device.type != "cuda":
+        return device
+    need = sum(m.out_features**2 + m.in_features**2 for m in layers.values()) * dtype.itemsize
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need <= free // 2 else torch.device("cpu")
 
 
 def fit_kron_factors(
-    model_fn: ModelFn, layers: Mapping[str, nn.Linear], batches: Iterable[Batch]
+    model_fn: ModelFn, layers: Mapping[str, nn.Linear], batches: Iterable[Batch], dtype: torch.dtype | None = None
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], int, float]:
-    """K-FAC factors (G, A) of the exact GGN of the summed softmax cross-entropy, per layer (float64), with the
-    number of examples and their summed log-likelihood. One forward and K backward passes per batch."""
-    G = {n: torch.zeros(m.out_features, m.out_features, dtype=torch.float64) for n, m in layers.items()}
-    A = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in layers.items()}
+    """K-FAC factors (G, A) of the exact GGN of the summed softmax cross-entropy, per layer, with the number of
+    examples and their summed log-likelihood. One forward and K backward passes per batch. The factors are
+    summed in ``dtype`` (default :func:`factor_dtype`) on :func:`factor_device`."""
+    dtype = factor_dtype(layers) if dtype is None else dtype
+    home = factor_device(layers, dtype)
+    G = {n: torch.zeros(m.out_features, m.out_features, dtype=dtype, device=home) for n, m in layers.items()}
+    A = {n: torch.zeros(m.in_features, m.in_features, dtype=dtype, device=home) for n, m in layers.items()}
     positions = dict.fromkeys(layers, 0.0)
-    n_data, log_lik = 0, 0.0
+    n_data, log_lik = 0, torch.zeros((), dtype=torch.float64)
     for batch in batches:
         with torch.enable_grad(), _Capture(layers) as cap:
             f, _ = _finite(model_fn(batch))  # (B, K)
         records = cap.records()
         y = batch["labels"].to(f.device)
-        log_lik -= float(F.cross_entropy(f.detach().double(), y, reduction="sum"))
+        log_lik = log_lik - F.cross_entropy(f.detach().double(), y, reduction="sum").cpu()
         for name, x, _ in records:
-            a = _rows(x).double()  # (rows, T, in)
+            a = _rows(x).to(dtype)  # (rows, T, in)
             mask = _position_mask(batch, a.shape[0], a.shape[1])
             if mask is not None:
                 a = a * mask.to(a.device, a.dtype)[..., None]
                 positions[name] += float(mask.sum())
             else:
                 positions[name] += a.shape[0] * a.shape[1]
-            A[name] += torch.einsum("rti,rtj->ij", a, a).cpu()
+            A[name] += torch.einsum("rti,rtj->ij", a, a).to(home)
         p = f.detach().softmax(-1)  # (B, K)
         K = f.shape[1]
         outputs = [out for _, _, out in records]
@@ -283,20 +326,20 @@ def fit_kron_factors(
             grads = torch.autograd.grad(f, outputs, grad_outputs=v, retain_graph=c < K - 1, allow_unused=True)
             for (name, _, _), g in zip(records, grads, strict=True):
                 if g is not None:
-                    g = _rows(g).double()  # (rows, T, out)
-                    G[name] += torch.einsum("rto,rtp->op", g, g).cpu()
+                    g = _rows(g).to(dtype)  # (rows, T, out)
+                    G[name] += torch.einsum("rto,rtp->op", g, g).to(home)
         n_data += f.shape[0]
     factors = {n: (G[n], A[n] / max(positions[n], 1.0)) for n in layers}
-    return factors, n_data, log_lik
+    return factors, n_data, float(log_lik)
 
 
 def fit_kron_laplace(
     model_fn: ModelFn, layers: Mapping[str, nn.Linear], batches: Iterable[Batch], prior_precision: float = 1.0,
-    optimize: bool = True,
+    optimize: bool = True, dtype: torch.dtype | None = None,
 ) -> KronLaplace:
-    """Fit the K-FAC posterior of ``layers`` on ``batches`` and (``optimize``) its prior precision by marginal
-    likelihood."""
-    factors, n_data, log_lik = fit_kron_factors(model_fn, layers, batches)
+    """Fit the K-FAC posterior of ``layers`` on ``batches`` (factors in ``dtype``, :func:`fit_kron_factors`) and
+    (``optimize``) its prior precision by marginal likelihood."""
+    factors, n_data, log_lik = fit_kron_factors(model_fn, layers, batches, dtype)
     weights = {n: m.weight for n, m in layers.items()}
     la = KronLaplace.from_factors(factors, weights, n_data, log_lik, prior_precision)
     if optimize:
@@ -312,34 +355,37 @@ def glm_moments(
     model_fn: ModelFn, layers: Mapping[str, nn.Linear], la: KronLaplace, batch: Batch
 ) -> tuple[Tensor, Tensor]:
     """Mean f* (B, K) (-inf for missing choices) and covariance J Σ Jᵀ (B, K, K) of the linearised logits,
-    float64 on the CPU. One forward and K backward passes."""
+    float64 on the CPU. One forward and K backward passes; the Jacobians are in the posterior's dtype, on the
+    model's device (where the posterior should be: :meth:`KronLaplace.to`), and the covariance is summed in float64
+    there and copied to the host once."""
     with torch.enable_grad(), _Capture(layers) as cap:
         raw = model_fn(batch)
     f, present = _finite(raw)
     B, K = f.shape
     records = [(n, x, out) for n, x, out in cap.records() if n in la.eig]
+    dtype = next(iter(la.eig.values()))[1].dtype
     tilde_a = []
     for name, x, _ in records:
-        a = _rows(x).double()  # (rows, T, in)
+        a = _rows(x).to(dtype)  # (rows, T, in)
         if a.shape[0] % B:
             raise ValueError(f"layer {name}: {a.shape[0]} rows is not a multiple of the batch size {B}")
         qa = la.eig[name][3].to(a.device)
         tilde_a.append((a @ qa).reshape(B, -1, a.shape[-1]))  # (B, S, in), rows of one example adjacent
-    Jt = {n: torch.zeros(K, B, *la.eigenvalues(n).shape, dtype=torch.float64, device=f.device) for n in la.eig}
+    Jt = {n: torch.zeros(K, B, *la.eigenvalues(n).shape, dtype=dtype, device=f.device) for n in la.eig}
     outputs = [out for _, _, out in records]
     for k in range(K):
         v = F.one_hot(torch.tensor(k), K).to(f).expand(B, K)
         grads = torch.autograd.grad(f, outputs, grad_outputs=v, retain_graph=k < K - 1, allow_unused=True)
         for (name, _, _), at, g in zip(records, tilde_a, grads, strict=True):
             if g is not None:
-                g = _rows(g).double() @ la.eig[name][1].to(g.device)  # (rows, T, out)
+                g = _rows(g).to(dtype) @ la.eig[name][1].to(g.device)  # (rows, T, out)
                 Jt[name][k] += torch.einsum("bso,bsi->boi", g.reshape(B, -1, g.shape[-1]), at)
-    var = torch.zeros(B, K, K, dtype=torch.float64)
+    var = torch.zeros(B, K, K, dtype=torch.float64, device=f.device)
     for name, jt in Jt.items():
         inv = 1.0 / (la.eigenvalues(name).to(jt.device) + la.prior_precision)  # (out, in)
-        var += torch.einsum("kboi,oi,lboi->bkl", jt, inv, jt).cpu()
-    mean = f.detach().double().cpu().masked_fill(~present.cpu(), float("-inf"))
-    return mean, var
+        var += torch.einsum("kboi,oi,lboi->bkl", jt, inv, jt).double()
+    mean = f.detach().double().masked_fill(~present, float("-inf"))
+    return mean.cpu(), var.cpu()
 
 
 def glm_probs(

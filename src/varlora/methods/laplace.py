@@ -6,7 +6,8 @@ GGN of the softmax likelihood over the K choice scores on the run's training exa
 class; every token position a LoRA layer sees counts as a sample of its weight-shared Linear, the "expand"
 K-FAC), then sets the scalar prior precision δ to the maximiser of the Laplace marginal likelihood. The
 predictive is f ~ N(f*, J Σ Jᵀ) over the K choice logits, by probit or Monte Carlo. The math lives in
-:mod:`varlora.methods._kfac`; see its docstring for the equations.
+:mod:`varlora.methods._kfac`; see its docstring for the equations. The factors are summed and decomposed in
+float32 (float64 for a float64 model) on the model's device when they fit there, and the posterior stays on it.
 
 ``subset_of_weights``: ``all`` (every LoRA A and B, the paper's setting) or ``last_layer`` (the LoRA layers of
 ``lm_head`` if it is adapted, else those of the last transformer block; the paper's last-layer variant is the
@@ -132,7 +133,7 @@ class Laplace(AdamW):
         if args.prior_optimization == "marglik":
             la.optimize_prior_precision()
         fit_seconds = time.perf_counter() - start
-        self.posterior = la
+        self.posterior = la.to(self._device())  # a no-op unless the factors were too large for the device
         out = {
             "prior_precision": la.prior_precision,
             "log_marglik": float(la.log_marglik()),
@@ -172,7 +173,10 @@ class Laplace(AdamW):
         if meta.get("subset_of_weights") != self.args.subset_of_weights or missing:
             raise ValueError(f"{path}: posterior of subset {meta.get('subset_of_weights')!r} over layers that do "
                              f"not match this run's laplace.subset_of_weights={self.args.subset_of_weights!r}")
-        self.posterior = posterior
+        self.posterior = posterior.to(self._device())  # uploaded once, not per evaluation batch
+
+    def _device(self) -> torch.device:
+        return next(iter(self._layers().values())).weight.device
 
     def predict(self, examples: Sequence, scorer: Any) -> list[Prediction]:
         if self.posterior is None:
