@@ -46,7 +46,8 @@ class Posterior:
 
     @classmethod
     def from_optimizer(cls, params: Mapping[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> Posterior:
-        """Read σ and h of each named parameter from an :class:`varlora.IVON` optimizer."""
+        """Read σ and h of each named parameter from an :class:`varlora.IVON` optimizer, on the parameter's device
+        (samples are drawn there; :meth:`save` copies them to the host once)."""
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         groups = {id(group_of[id(p)]) for p in params.values()}
         if len(groups) != 1:
@@ -54,8 +55,8 @@ class Posterior:
         group = group_of[id(next(iter(params.values())))]
         std, hess = {}, {}
         for name, param in params.items():
-            std[name] = optimizer.posterior_std(param).detach().float().cpu().contiguous()
-            hess[name] = optimizer.state[param]["hess"].detach().float().cpu().contiguous()
+            std[name] = optimizer.posterior_std(param).detach().float().contiguous()
+            hess[name] = optimizer.state[param]["hess"].detach().float().contiguous()
         return cls(std=std, hess=hess, ess=float(group["ess"]), weight_decay=float(group["weight_decay"]))
 
     def to(self, device: torch.device | str) -> Posterior:

@@ -28,19 +28,21 @@ def backward_batch(session: Session, examples: list[Example],
     """Forward + backward of this rank's share of ``examples`` in ``train.grad_accum`` micro-batches.
 
     Gradients accumulate to ∇ of the batch-mean cross-entropy (plus ``extra_loss()`` once per micro-batch,
-    scaled by 1/micro-batches, e.g. a KL term). Returns this rank's mean cross-entropy (no extra loss).
+    scaled by 1/micro-batches, e.g. a KL term). Returns this rank's mean cross-entropy (no extra loss), read
+    once at the end: a read per micro-batch would make the host wait for each backward before queuing the next
+    forward.
     """
     n_micro = session.config.train.grad_accum
     share = examples[distributed.rank() :: distributed.world_size()]
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64)  # the sum in double, as Python floats would add it
     for micro in (share[i::n_micro] for i in range(n_micro)):
         batch = session.scorer.collate(micro)
         logits = session.scorer.choice_logits(session.model, batch)  # (B, K)
         loss = torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device)) / n_micro
         objective = loss + extra_loss() / n_micro if extra_loss is not None else loss
         objective.backward()
-        total += float(loss.detach())
-    return total
+        total = total.to(loss.device) + loss.detach().double()
+    return float(total)
 
 
 def linear_scheduler(session: Session, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
