@@ -306,3 +306,28 @@ def test_a_posthoc_rows_training_seconds_are_those_of_the_map_run_it_reuses(tmp_
     table = report.cost_table(report.find_runs(tmp_path), ["adamw", "temperature"])
     row = next(line for line in table.splitlines() if line.startswith("| temperature |")).split(" | ")
     assert row[1:5] == ["10", "1.00", "5.0", "1.50"]
+
+
+def test_learning_curves_judge_the_regime_by_hand(tmp_path):
+    """Labels 0 1 2 3 repeat (majority 25 %, chance 25 %, so learned means a best accuracy >= 35 %); the
+    AdamW curve's NLL is lowest at step 4 and rises after it (over-fits), IVON's falls to the end; a post-hoc
+    method's copy of the MAP curve is not a row."""
+    curves = {"adamw": [(0, 30.0, 1.40), (4, 40.0, 1.10), (8, 36.0, 1.25)],
+              "ivon": [(0, 30.0, 1.40), (4, 33.0, 1.20), (8, 34.0, 1.15)],
+              "temperature": [(0, 30.0, 1.40), (4, 40.0, 1.10), (8, 36.0, 1.25)]}
+    results = []
+    for variant, rows in curves.items():
+        label = "ivon@mean" if variant == "ivon" else variant
+        folder = _fake_run(tmp_path, "obqa", variant, 1, {"obqa": {label: (ID, None, M, None, 1)}})
+        summary = json.loads((folder / "summary.json").read_text())
+        (folder / "summary.json").write_text(json.dumps(summary | {"n_train": 16}))
+        (folder / "config.json").write_text(json.dumps({"train": {"batch_size": 4}}))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"kind": "eval", "step": s, "acc": a, "nll": n})
+                                                      + "\n" for s, a, n in rows))
+        results += report.find_runs(folder)
+    table = report.learning_curves(results).splitlines()
+    assert len(table) == 4  # header, rule, adamw, ivon
+    adamw, ivon = ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])
+    assert adamw == ["obqa", "adamw", "1", "16", "2.0", "25.0", "25.0", "30.0 / 1.400", "1.100 (1.0)", "40.0",
+                     "40.0", "36.0 / 1.250", "yes", "yes"]
+    assert ivon[1] == "ivon" and ivon[-2:] == ["no", "no"] and ivon[8] == "1.150 (2.0)"

@@ -330,6 +330,13 @@ def write_report(preset: Preset, records: Path, results_dir: Path, sample: RunCo
                      report.markdown_table(report.aggregate(detection, ood_methods, ood_tasks,
                                                             report.ood_metrics(detection)),
                                            ood_tasks, report.ood_metrics(detection))]
+    curves = report.learning_curves(labelled, probs)
+    if curves:
+        sections += ["## Learning curves (evaluations at the mean during training)", "",
+                     "Chance = 1/K; majority = the share of the most frequent answer among the evaluation "
+                     "questions; learned = the best accuracy is at least max(chance + 10, majority + 5); over-fits "
+                     "= the validation NLL ends above its minimum, reached before the last evaluation "
+                     "(`overfitting.png` draws the NLL against epochs).", "", curves, ""]
     selective = report.selective_prediction(in_domain, probs)
     sections += ["## Selective prediction (answer only the most confident examples)", "",
                  "AURC: area under the risk–coverage curve of the max probability, in % (lower is better; a "

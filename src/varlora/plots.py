@@ -124,12 +124,18 @@ def tau_tradeoff(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str 
     return _save(fig, path)
 
 
+_AXES = {"train_seconds": "training time (s)", "epoch": "epochs", "acc": "validation accuracy (%)",
+         "nll": "validation NLL"}
+
+
 def accuracy_vs_time(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, title: str = "",
                      styles: Mapping[str, Mapping[str, Any]] | None = None,
-                     panels: Mapping[str, str] | None = None) -> Path:
-    """Validation accuracy against cumulative training wall-clock seconds (Cong et al., Fig. 2).
+                     panels: Mapping[str, str] | None = None, x: str = "train_seconds", y: str = "acc") -> Path:
+    """Validation accuracy against cumulative training wall-clock seconds (Cong et al., Fig. 2), or any other
+    pair of the periodic evaluations' fields ``x``, ``y`` (e.g. the NLL against epochs: over-fitting shows as a
+    rise past the minimum).
 
-    ``curves[key]`` is a list of periodic-evaluation rows with ``train_seconds`` and ``acc``; ``styles[key]``
+    ``curves[key]`` is a list of periodic-evaluation rows with ``x`` and ``y``; ``styles[key]``
     (optional) holds matplotlib line options, e.g. a colour per method and a line style per seed (a ``label``
     there names the legend entry, the key otherwise; lines of one label share one entry); ``panels[key]``
     (optional) the panel (e.g. the task) the curve is drawn in, one panel if absent.
@@ -140,15 +146,15 @@ def accuracy_vs_time(curves: Mapping[str, Sequence[Mapping[str, float]]], path: 
     for key, rows in curves.items():
         style = {"marker": "o", "markersize": 3, "label": key, **((styles or {}).get(key, {}))}
         ax = axes[names.index((panels or {}).get(key, ""))]
-        (line,) = ax.plot([r["train_seconds"] for r in rows], [r["acc"] for r in rows], **style)
+        (line,) = ax.plot([r[x] for r in rows], [r[y] for r in rows], **style)
         entries.setdefault(style["label"], line)
     for index, (ax, name) in enumerate(zip(axes, names, strict=True)):
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
         if index % columns == 0:
-            ax.set_ylabel("validation accuracy (%)")
+            ax.set_ylabel(_AXES.get(y, y))
         if index >= len(axes) - columns:
-            ax.set_xlabel("training time (s)")
+            ax.set_xlabel(_AXES.get(x, x))
     fig.legend(list(entries.values()), list(entries), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.95))
     fig.tight_layout()
     if title:

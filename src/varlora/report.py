@@ -39,7 +39,7 @@ from varlora.run_paths import RunPaths
 
 __all__ = ["RunResult", "find_runs", "aggregate", "markdown_table", "csv_table", "rank_table", "cost_table",
            "training_cost_ratios", "best_within_budget", "write_figures", "ood_detection", "selective_prediction",
-           "with_mce", "posterior_scale", "selected_rows", "OOD_SIGNALS", "SavedProbs"]
+           "with_mce", "posterior_scale", "selected_rows", "OOD_SIGNALS", "SavedProbs", "learning_curves"]
 
 METRICS = ("acc", "ece", "mce", "nll", "brier")
 #: OOD-detection signals, each a score that is higher for more in-distribution examples
@@ -186,6 +186,53 @@ def _eval_rows(folder: Path) -> list[dict]:
     return [r for r in _io.read_jsonl(folder / "metrics.jsonl") if r.get("kind") == "eval"]
 
 
+def _epochs(folder: Path, steps: float) -> float:
+    """Training epochs after ``steps`` steps of the run in ``folder`` (batch size × steps / training questions)."""
+    summary = json.loads((folder / "summary.json").read_text())
+    batch = json.loads((folder / "config.json").read_text())["train"]["batch_size"]
+    return steps * batch / max(summary["n_train"], 1)
+
+
+def _reuses_training(r: RunResult) -> bool:
+    """Whether the run's training curve is another method's (a post-hoc method trains, or reuses, a MAP adapter)."""
+    from varlora.methods import get_method
+
+    return bool(r.method) and get_method(r.method).posthoc_of is not None
+
+
+def learning_curves(results: Sequence[RunResult], probs: SavedProbs | None = None) -> str:
+    """Markdown table of every run that evaluated at its mean during training (``train.eval_every``): its training
+    questions N, epochs, the chance level (1/K) and the share of the most frequent answer of the evaluation
+    questions, the untrained model (step 0), the evaluation with the lowest NLL, the last one, and the regime
+    verdicts of issue 31: *learned* (the best accuracy at least max(chance + 10, majority + 5) points) and
+    *over-fits* (the NLL ends above its minimum, reached before the last evaluation)."""
+    probs = probs or SavedProbs()
+    lines = ["| task | variant | seed | N | epochs | chance % | majority % | step 0 ACC / NLL | lowest NLL (epoch) "
+             "| ACC there | best ACC | last ACC / NLL | learned | over-fits |", "|" + "---|" * 14]
+    seen: set[Path] = set()
+    for r in sorted(results, key=lambda r: (r.train_task, r.variant, r.seed)):
+        if r.folder in seen or r.eval_task != r.train_task or _reuses_training(r):
+            continue
+        seen.add(r.folder)
+        rows = _eval_rows(r.folder)
+        if len(rows) < 2:
+            continue
+        labels = probs.get(r.folder, r.eval_task)["labels"]
+        k = int(probs.get(r.folder, r.eval_task)[f"probs/{r.row}"].shape[-1])
+        chance, majority = 100.0 / k, 100.0 * float(torch.bincount(labels, minlength=k).max()) / len(labels)
+        lowest = min(rows, key=lambda row: row["nll"])
+        best, first, last = max(row["acc"] for row in rows), rows[0], rows[-1]
+        learned = best >= max(chance + 10, majority + 5)
+        overfits = lowest["step"] < last["step"] and last["nll"] > lowest["nll"]
+        n_train = json.loads((r.folder / "summary.json").read_text())["n_train"]
+        lines.append(f"| {r.train_task} | {r.variant} | {r.seed} | {n_train} | {_epochs(r.folder, last['step']):.1f} "
+                     f"| {chance:.1f} | {majority:.1f} | {first['acc']:.1f} / {first['nll']:.3f} "
+                     f"| {lowest['nll']:.3f} ({_epochs(r.folder, lowest['step']):.1f}) | {lowest['acc']:.1f} "
+                     f"| {best:.1f} | {last['acc']:.1f} / {last['nll']:.3f} | {'yes' if learned else 'no'} "
+                     f"| {'yes' if overfits else 'no'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _color(result: RunResult) -> str:
     from varlora.methods import get_method
 
@@ -242,25 +289,30 @@ def write_figures(results: Sequence[RunResult], out: str | Path, n_bins: int = 1
         title = f"seeds {sorted(curve_seeds)}: those that evaluated every τ (means over them)"
         written.append(plots.tau_tradeoff(curves, out / "tau_tradeoff.png", baselines, title=title,
                                           styles=curve_styles))
-    time_curves, time_styles, time_panels = {}, {}, {}
+    time_curves, time_styles, time_panels, time_folders = {}, {}, {}, []
     seeds = sorted({r.seed for r in in_domain})
     dashes = ("-", "--", ":", "-.")
     seen: set[Path] = set()
     for r in sorted(in_domain, key=lambda r: (r.train_task, r.label, r.seed)):
-        if r.folder in seen or r.cost.get("trained_in", "this run") != "this run":
+        if r.folder in seen or _reuses_training(r):
             continue
         seen.add(r.folder)
         rows = _eval_rows(r.folder)
         if rows:
             key = f"{r.train_task} {r.variant} (seed {r.seed})"
             time_curves[key] = rows
+            time_folders.append(r.folder)
             time_panels[key] = r.train_task
             time_styles[key] = {"color": _color(r), "linestyle": dashes[seeds.index(r.seed) % 4], "label": r.variant}
     if time_curves:
-        title = ("methods that train (post-hoc ones reuse a trained run's curve); line style = seed: "
+        title = ("methods that train (post-hoc ones have their MAP adapter's curve); line style = seed: "
                  + ", ".join(f"{dashes[i % 4]} {s}" for i, s in enumerate(seeds)))
         written.append(plots.accuracy_vs_time(time_curves, out / "accuracy_vs_time.png", styles=time_styles,
                                               panels=time_panels, title=title))
+        epoch_curves = {key: [{**row, "epoch": _epochs(folder, row["step"])} for row in rows]
+                        for (key, rows), folder in zip(time_curves.items(), time_folders, strict=True)}
+        written.append(plots.accuracy_vs_time(epoch_curves, out / "overfitting.png", styles=time_styles,
+                                              panels=time_panels, title=title, x="epoch", y="nll"))
     return written
 
 
