@@ -225,3 +225,13 @@ def test_a_bfloat16_base_with_checkpointing_trains_and_reloads(assets, tmp_path)
     saved = load_file(str(RunPaths(tmp_path / "run").eval_probs(summary["task"])))
     (p,) = method.predict(session.val_examples, session.scorer)
     assert torch.equal(saved[f"probs/{p.label}"], p.probs)
+
+
+def test_checkpointing_a_model_that_cannot_is_refused_naming_the_field():
+    from conftest import tiny_llama
+    from varlora.models import prepare_base_model
+
+    model = tiny_llama()
+    model.supports_gradient_checkpointing = False  # as a custom architecture without checkpointing support
+    with pytest.raises(ConfigError, match=r"invalid model.gradient_checkpointing=True: LlamaForCausalLM does not"):
+        prepare_base_model(model, ModelArgs(name="x", gradient_checkpointing=True))
