@@ -15,7 +15,7 @@ AdamW's, so these three methods cover every training cost of the harness.
 
     python benchmarks/train_step.py [--model PATH | --shape llama-2-7b [--layers N]] [--device cuda]
                                     [--dtype bfloat16] [--steps 12] [--warmup 2] [--methods adamw ivon blob]
-                                    [--lora-r 16 --targets all-linear]
+                                    [--lora-r 16 --targets all-linear] [--quantization 4bit]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _config(args: argparse.Namespace, method: str) -> RunConfig:
     the same name (none for a method the preset lacks: its defaults)."""
     variant = load_preset("cpu").variants.get(method, {})
     return RunConfig.from_dict({
-        "model": {"name": args.model, "dtype": args.dtype},
+        "model": {"name": args.model, "dtype": args.dtype, "quantization": args.quantization},
         "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.1, "target_modules": args.targets},
         "data": {"task": args.task, "scoring": args.scoring, "train_limit": 4 * (args.steps + args.warmup),
                  "eval_limit": 1, "max_length": 256, "data_dir": args.data_dir},
@@ -110,11 +110,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="with --shape: depth (default: the shape's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"],
+                        help="with --model: quantise the base as it loads (QLoRA; bitsandbytes)")
     parser.add_argument("--task", default="arc_easy")
     shared = shared_dir()
     parser.add_argument("--data-dir", default=str(shared / "data") if shared is not None else None,
-                        help="the task's release files (default: ../shared/data where it exists; with --shape "
-                             "and none, the demo's packaged ARC-Easy questions; else the hub)")
+                        help="the task's release files (default: ../shared/data where it exists, else "
+                             "$VARLORA_DATA_DIR, else the demo's packaged ARC-Easy questions)")
     parser.add_argument("--scoring", default="cloze", choices=["cloze", "letter"])
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2 r, as r 8 / alpha 16)")
     parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"],
@@ -125,7 +127,7 @@ def main() -> None:
                         help="methods to time; the first is the reference of the ratios")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.shape is not None and args.data_dir is None:  # no ../shared: $VARLORA_DATA_DIR, else the demo's
+    if args.data_dir is None:  # no ../shared (a GPU machine): $VARLORA_DATA_DIR, else the demo's
         folder = find_demo_data()
         args.data_dir = None if folder is None else str(folder)
     if args.memory_of:
