@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from varlora import _io
 from varlora.optim import perturbed_named_params
+from varlora.optim._dtensor import full
 
 __all__ = ["Posterior", "POSTERIOR_FILE"]
 
@@ -47,7 +48,8 @@ class Posterior:
     @classmethod
     def from_optimizer(cls, params: Mapping[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> Posterior:
         """Read σ and h of each named parameter from an :class:`varlora.IVON` optimizer, on the parameter's device
-        (samples are drawn there; :meth:`save` copies them to the host once)."""
+        (samples are drawn there; :meth:`save` copies them to the host once). Those of parameters sharded by FSDP2
+        are gathered whole: a collective, which every rank calls, and every rank gets the full posterior."""
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         groups = {id(group_of[id(p)]) for p in params.values()}
         if len(groups) != 1:
@@ -55,8 +57,8 @@ class Posterior:
         group = group_of[id(next(iter(params.values())))]
         std, hess = {}, {}
         for name, param in params.items():
-            std[name] = optimizer.posterior_std(param).detach().float().contiguous()
-            hess[name] = optimizer.state[param]["hess"].detach().float().contiguous()
+            std[name] = full(optimizer.posterior_std(param).detach()).float().contiguous()
+            hess[name] = full(optimizer.state[param]["hess"].detach()).float().contiguous()
         return cls(std=std, hess=hess, ess=float(group["ess"]), weight_decay=float(group["weight_decay"]))
 
     def to(self, device: torch.device | str) -> Posterior:

@@ -24,8 +24,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from varlora.optim import _dtensor, sampling
 from varlora.optim import _functional as F
-from varlora.optim import sampling
+from varlora.optim._dtensor import local
 
 __all__ = ["IVON", "IVON_DEFAULTS", "OWN_STATE_KEY", "ParamPosterior", "validate_ivon_hyperparameters"]
 
@@ -232,6 +233,19 @@ class IVON(torch.optim.Optimizer):
     gradient is that of its own sample. With ``sync=False`` nothing is communicated: under ordinary DDP every
     rank then must draw the same noise, which ``generator=None`` gives (the seed is not mixed with the rank).
 
+    **Sharded parameters (FSDP2).** Parameters sharded by ``torch.distributed.fsdp.fully_shard`` are DTensors; the
+    state (``hess``, ``momentum``, ``mean``, the two buffers) is created like them, so it shards with them, and the
+    math runs on each rank's local shard. Every rank draws the noise of each *full* parameter and perturbs its shard
+    with its slice, so with equal generators (``generator=None``, or the same seed on every rank) the weights that
+    FSDP all-gathers for the forward are one sample :math:`\theta_s`, the one an unsharded process would draw, and
+    the reduce-scattered gradient is the mean over ranks of their data's gradient at :math:`\theta_s`. Sharded IVON
+    is therefore IVON with ``mc_samples`` shared samples per step on the global batch, and equals unsharded
+    ``sync=False`` IVON whose ranks draw the same noise and average their gradients before they are consumed
+    (``grad_transform``); ``sync=True`` is refused (``ValueError``): the ranks hold different shards, and FSDP
+    already averaged the gradient. ``max_grad_norm`` clips the norm of the whole gradient, :attr:`last_step_stats`
+    are sums over all shards, :meth:`posterior_std` returns a DTensor like the parameter, and :meth:`load_state_dict`
+    cuts state tensors of a parameter's full shape (a gathered checkpoint) to this rank's shard.
+
     Args:
         params: parameters or parameter groups (dicts); every option below except ``mc_samples``, ``sync``,
             ``generator`` and ``stats_every`` can be set per group.
@@ -306,6 +320,10 @@ class IVON(torch.optim.Optimizer):
             for p in group["params"]:
                 if not p.is_floating_point() or p.is_complex():
                     raise ValueError(f"IVON needs real floating-point parameters, got one of dtype {p.dtype}")
+                if self.sync and _dtensor.is_sharded(p):
+                    raise ValueError("Invalid sync: True for parameters sharded by FSDP2 (DTensors): FSDP "
+                                     "already averages the gradient over the ranks, which hold different shards; "
+                                     "use sync=False")
         except ValueError:
             self.param_groups.pop()
             raise
@@ -348,22 +366,19 @@ class IVON(torch.optim.Optimizer):
                 if "mean" not in state:  # m at full precision for a bf16/fp16 parameter, which holds it rounded
                     state["mean"] = p.detach().to(_state_dtype(p), copy=True)
                 else:
-                    mean = state["mean"]
-                    torch.where(p.detach() == mean.to(p.dtype), mean, p.detach().to(mean.dtype), out=mean)
+                    mean, q = local(state["mean"]), local(p.detach())
+                    torch.where(q == mean.to(q.dtype), mean, q.to(mean.dtype), out=mean)
             states.append(state)
         return states
 
     def _stds(self, sampled: Sequence[tuple[int, Tensor]], states: Sequence[dict[str, Any]],
               out: Sequence[Tensor] | None = None) -> list[Tensor]:
-        """σ of each sampled parameter, in ``out`` when given."""
-        stds: list[Tensor] = [torch.empty(0)] * len(sampled)
+        """σ of each sampled parameter, in ``out`` when given (shaped, and sharded, like the parameter)."""
+        stds = list(out) if out is not None else [torch.empty_like(s["hess"]) for s in states]
         for gi, idx in self._by_group(sampled).items():
             group = self.param_groups[gi]
-            group_stds = F.posterior_std([states[i]["hess"] for i in idx], ess=group["ess"],
-                                         weight_decay=group["weight_decay"],
-                                         out=None if out is None else [out[i] for i in idx])
-            for i, std in zip(idx, group_stds, strict=True):
-                stds[i] = std
+            F.posterior_std([local(states[i]["hess"]) for i in idx], ess=group["ess"],
+                            weight_decay=group["weight_decay"], out=[local(stds[i]) for i in idx])
         return stds
 
     def _buffers(self, sampled: Sequence[tuple[int, Tensor]], states: Sequence[dict[str, Any]]
@@ -450,7 +465,7 @@ class IVON(torch.optim.Optimizer):
         self._sampling = True
         try:
             with sampling.perturbed_params(params, stds, tau=tau, generator=source, noise=noise, means=means,
-                                           buffers=buffers) as offsets:
+                                           buffers=buffers):
                 del stds
                 yield
                 if train:
@@ -459,7 +474,7 @@ class IVON(torch.optim.Optimizer):
             self._sampling = False
         if train:
             with torch.no_grad():
-                self._consume(sampled, buffers[0], offsets)
+                self._consume(sampled, *buffers)  # the offsets are in the second buffers
 
     def _transform_grads(self, params: list[Tensor], grad_transform: Callable[[list[Tensor]], object] | None,
                          max_grad_norm: float | None) -> None:
@@ -488,8 +503,9 @@ class IVON(torch.optim.Optimizer):
             for sel, accumulate in ((new, F.start_sums_), (started, F.add_sample_)):
                 if sel:
                     states = [self.state[sampled[i][1]] for i in sel]
-                    accumulate([s["grad_sum"] for s in states], [s["hess_sum"] for s in states],
-                               [sampled[i][1].grad for i in sel], [offsets[i] for i in sel], price=price)
+                    accumulate([local(s["grad_sum"]) for s in states], [local(s["hess_sum"]) for s in states],
+                               [local(sampled[i][1].grad) for i in sel], [local(offsets[i]) for i in sel],
+                               price=price)
         for _, p in sampled:
             p.grad = None
         self._num_samples += 1
@@ -533,10 +549,12 @@ class IVON(torch.optim.Optimizer):
 
         For loops that interleave samples, e.g. ``mc_samples`` samples each evaluated on every micro-batch of
         a gradient accumulation window: draw each sample's :math:`\epsilon` once, then re-enter it per
-        micro-batch. The stream is part of :meth:`state_dict`, so a resumed run draws the same values.
+        micro-batch. The stream is part of :meth:`state_dict`, so a resumed run draws the same values. For a
+        parameter sharded by FSDP2 it is a DTensor like the parameter: this rank's slice of the full draw.
         """
         like = [p for _, p in self._sampled()]
-        return sampling.standard_normal(like, generator if generator is not None else self._generator_for)
+        eps = sampling.standard_normal(like, generator if generator is not None else self._generator_for)
+        return [_dtensor.wrap(e, p) for e, p in zip(eps, like, strict=True)]
 
     def discard_samples(self) -> None:
         """Drop the gradient samples consumed since the last ``step()`` (no-op if there are none).
@@ -597,11 +615,11 @@ class IVON(torch.optim.Optimizer):
             hessians = [s["hess"] for s in states]
             sums = [(s.pop("grad_sum"), s.pop("hess_sum")) for s in states]
             counts = F.update_(
-                [s.get("mean", p) for s, p in zip(states, params, strict=True)],
-                [g for g, _ in sums],
-                [e for _, e in sums],
-                [s["momentum"] for s in states],
-                hessians,
+                [local(s.get("mean", p)) for s, p in zip(states, params, strict=True)],
+                [local(g) for g, _ in sums],
+                [local(e) for _, e in sums],
+                [local(s["momentum"]) for s in states],
+                [local(h) for h in hessians],
                 num_samples=num_samples,
                 lr=group["lr"] * (group["hess_init"] + group["weight_decay"] if group["rescale_lr"] else 1.0),
                 ess=group["ess"],
@@ -616,8 +634,9 @@ class IVON(torch.optim.Optimizer):
             for p, state, pair in zip(params, states, sums, strict=True):
                 self._workspace[p] = pair  # the next step's sample buffers
                 if "mean" in state:
-                    p.copy_(state["mean"])
+                    local(p).copy_(local(state["mean"]))
             if with_stats:
+                hessians = [local(h) for h in hessians]  # this rank's shards: summed over ranks below
                 stds = F.posterior_std(hessians, ess=group["ess"], weight_decay=group["weight_decay"])
                 for k, (h, std) in enumerate(zip(hessians, stds, strict=True)):
                     acc = totals.setdefault(h.device, torch.zeros(4, dtype=torch.float64, device=h.device))
@@ -625,8 +644,12 @@ class IVON(torch.optim.Optimizer):
                     acc[2] += std.sum(dtype=torch.float64)
                     if counts is not None:
                         acc[0] += counts[k]
+        sharded = next((p for _, p in todo if _dtensor.is_sharded(p)), None)
+        if with_stats and sharded is not None:  # shard sums → sums over the whole parameters
+            for acc in (totals[d] for d in sorted(totals, key=str)):
+                dist.all_reduce(acc, group=sharded.device_mesh.get_group())
         if with_stats and self._grad_norms:
-            norm = torch.stack([n.double() for n in self._grad_norms]).mean()
+            norm = torch.stack([_dtensor.full(n).double() for n in self._grad_norms]).mean()
             totals.setdefault(norm.device, torch.zeros(4, dtype=torch.float64, device=norm.device))[3] += norm
         self._raw_stats = dict(step=self._num_steps, num_samples=num_samples, skipped=len(sampled) - len(todo),
                                numel=sum(p.numel() for _, p in todo), sums=totals if with_stats else None,
@@ -667,7 +690,9 @@ class IVON(torch.optim.Optimizer):
     def _std(self, p: Tensor, group: dict[str, Any]) -> Tensor:
         state = self.state.get(p, {})
         hess = state["hess"] if "hess" in state else torch.full_like(p, group["hess_init"], dtype=_state_dtype(p))
-        return F.posterior_std([hess], ess=group["ess"], weight_decay=group["weight_decay"])[0]
+        std = torch.empty_like(hess)  # sharded like p
+        F.posterior_std([local(hess)], ess=group["ess"], weight_decay=group["weight_decay"], out=[local(std)])
+        return std
 
     def _posterior(self, p: Tensor, group: dict[str, Any]) -> ParamPosterior:
         if self._sampling:
@@ -771,6 +796,8 @@ class IVON(torch.optim.Optimizer):
             dtype = _state_dtype(p)
             state = {k: v.to(device=p.device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
                      if isinstance(v, Tensor) else v for k, v in values.items()}
+            state = {k: _dtensor.like(v, p) if isinstance(v, Tensor) and v.shape == p.shape else v  # a full tensor
+                     for k, v in state.items()}  # of a sharded parameter: this rank's shard
             if isinstance(state.get("step"), Tensor):
                 state["step"] = int(state["step"].item())
             if dtype == p.dtype:

@@ -7,6 +7,11 @@ layout is fixed: one ``torch.randn`` per parameter, in the order given, shaped l
 (float32, float64 for float64 parameters), drawn by the generator of the parameter's device. So a generator state
 gives the same sample for any :math:`\tau` (common random numbers: :math:`\tau = 0` still consumes the draws),
 and a CPU model the same samples as before this module drew on the device.
+
+Parameters sharded by FSDP2 (DTensors) are perturbed shard by shard: each rank draws the noise of the parameter's
+full shape, as an unsharded run draws it, and adds its slice to its shard (σ is given as a DTensor like the
+parameter, or as a full tensor that every rank cuts to its shard). The all-gather before each forward then gives
+every rank the sample :math:`\theta` that one unsharded process would see, when the ranks' generators agree.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import Tensor
+
+from varlora.optim import _dtensor
 
 __all__ = ["GeneratorSource", "check_tau", "perturbed_named_params", "perturbed_params", "standard_normal",
            "stacked_named_samples"]
@@ -41,12 +48,17 @@ def standard_normal(like: Sequence[Tensor], generator: GeneratorSource, out: Seq
     r""":math:`\epsilon_k \sim \mathcal N(0, I)`, one ``torch.randn`` per tensor of ``like``, in order: shaped like
     it, in its dtype promoted to at least float32, on its device (written into ``out`` when given). A function
     ``generator`` gives each device's generator; a single generator on another device draws there, and the draws
-    are copied over."""
-    eps = list(out) if out is not None else [torch.empty(t.shape, dtype=torch.promote_types(t.dtype, torch.float32),
-                                                         device=t.device) for t in like]
-    for e in eps:
+    are copied over. For a DTensor of ``like`` (an FSDP2 shard) the draw has its full shape and this rank keeps
+    its shard (a plain tensor shaped like the local shard)."""
+    eps = list(out) if out is not None else [
+        torch.empty(_dtensor.local(t).shape, dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
+        for t in like]
+    for t, e in zip(like, eps, strict=True):
         gen = generator(e.device) if callable(generator) else generator
-        if gen.device == e.device:
+        if _dtensor.is_sharded(t):
+            draw = torch.randn(t.shape, generator=gen, dtype=e.dtype, device=gen.device)  # (*full shape)
+            e.copy_(_dtensor.shard_of(draw, t))
+        elif gen.device == e.device:
             e.normal_(generator=gen)  # the values of torch.randn(e.shape, generator=gen)
         else:
             e.copy_(torch.randn(e.shape, generator=gen, dtype=e.dtype, device=gen.device))
@@ -83,7 +95,8 @@ def perturbed_params(
     Args:
         params: the parameters, perturbed in place in this order; restored exactly on exit, also when the body
             raises.
-        stds: :math:`\sigma_k`, shaped like the parameters, on their devices (the offsets are in their dtype).
+        stds: :math:`\sigma_k`, shaped like the parameters, on their devices (the offsets are in their dtype);
+            for a DTensor parameter a DTensor like it, or its full tensor (cut to this rank's shard).
         tau: :math:`\tau \in [0, 1]`; ``ValueError`` otherwise.
         generator: the source of :math:`\epsilon_k` (see :func:`standard_normal`).
         noise: explicit :math:`\epsilon_k` instead of ``generator`` (one tensor per parameter).
@@ -92,7 +105,8 @@ def perturbed_params(
             allocating (a training loop reuses them every step). ``stds`` may be the backup buffers themselves:
             they are read before the backups are written.
 
-    Each parameter becomes :math:`m_k` plus its offset, rounded once to its dtype.
+    Each parameter becomes :math:`m_k` plus its offset, rounded once to its dtype. With DTensor parameters (FSDP2)
+    every rank perturbs its own shard, by its slice of the full draw, and the offsets are local shards.
     """
     tau = check_tau(tau)
     if len(stds) != len(params):
@@ -101,29 +115,36 @@ def perturbed_params(
         raise ValueError("pass exactly one of generator and noise")
     if noise is not None and len(noise) != len(params):
         raise ValueError(f"noise has {len(noise)} tensors for {len(params)} parameters")
+    stds = [_dtensor.like(s, p) for s, p in zip(stds, params, strict=True)]  # a full σ of a shard: cut below
     _check_shapes(params, stds, *([noise] if noise is not None else []))
-    params = list(params)
     with torch.no_grad():
-        if noise is not None:
-            offsets = [e.to(s.device, s.dtype, copy=True) for e, s in zip(noise, stds, strict=True)]
+        params = [_dtensor.local(p.detach()) for p in params]  # this rank's shards (the storage of the parameters)
+        out = None if buffers is None else [_dtensor.local(b) for b in buffers[1]]
+        if noise is None:
+            offsets = standard_normal(stds, generator, out=out)
         else:
-            offsets = standard_normal(stds, generator, out=None if buffers is None else buffers[1])
+            draws = [_dtensor.shard_of(e, s) for e, s in zip(noise, stds, strict=True)]  # this rank's ε
+            offsets = out or [e.to(s.device, s.dtype, copy=True) for e, s in zip(draws, stds, strict=True)]
+            if out:
+                torch._foreach_copy_(offsets, draws)
+        stds = [_dtensor.local(s) for s in stds]
         if tau != 0.0 and params:
             torch._foreach_mul_(offsets, _scaled(stds, tau))  # (√τσ)⊙ε
             if buffers is None:
-                backups = [p.detach().clone() for p in params]
+                backups = [p.clone() for p in params]
             else:
-                backups = list(buffers[0])
+                backups = [_dtensor.local(b) for b in buffers[0]]
                 torch._foreach_copy_(backups, params)
     if tau == 0.0 or not params:
         yield None
         return
     try:
         with torch.no_grad():
-            if means is None or all(m is p for m, p in zip(means, params, strict=True)):
+            means = None if means is None else [_dtensor.local(m) for m in means]
+            if means is None or all(m.data_ptr() == p.data_ptr() for m, p in zip(means, params, strict=True)):
                 torch._foreach_add_(params, offsets)  # θ = m + √τ σ⊙ε
             else:
-                torch._foreach_copy_(params, torch._foreach_add(list(means), offsets))
+                torch._foreach_copy_(params, torch._foreach_add(means, offsets))
         yield offsets
     finally:
         with torch.no_grad():
