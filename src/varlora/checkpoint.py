@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from varlora import _io, _state_file, distributed
+from varlora import _io, _state_file, distributed, sharding
 from varlora.config import ConfigError
 from varlora.run_paths import RunPaths
 
@@ -89,7 +89,10 @@ def find_checkpoint(paths: RunPaths) -> Path | None:
 
 def save_checkpoint(session, method, step: int, train_seconds: float) -> None:
     """Write ``checkpoint.safetensors`` (rank 0; every rank contributes its RNG and rank state), then remove an
-    older version's ``checkpoint.pt`` that the run resumed from."""
+    older version's ``checkpoint.pt`` that the run resumed from. The state of a model sharded by FSDP2 is gathered
+    whole first, by every rank, so the file holds full tensors, as without sharding."""
+    sharded = sharding.is_sharded(session.model)
+    method_state = sharding.full_tensors(method.state_dict()) if sharded else None
     ranks = distributed.all_gather_objects({"rng": rng_state(), "method": method.rank_state()})
     if not distributed.is_main():
         return
@@ -97,7 +100,7 @@ def save_checkpoint(session, method, step: int, train_seconds: float) -> None:
         "step": step,
         "train_seconds": train_seconds,
         "method_name": method.name,
-        "method": method.state_dict(),
+        "method": method_state if sharded else method.state_dict(),
         "rng": ranks[0]["rng"],  # this rank's (rank 0's)
         **({"ranks": ranks} if distributed.active() else {}),
     })

@@ -24,6 +24,7 @@ __all__ = [
     "MODEL_ENV",
     "ModelArgs",
     "auto_dtype",
+    "auto_sharding",
     "LoraArgs",
     "MethodArgs",
     "DataArgs",
@@ -42,6 +43,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["none", "4bit", "8bit"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
 DeviceMap = Literal["local", "auto"]
+Sharding = Literal["auto", "none", "fsdp"]
 
 
 class ConfigError(ValueError):
@@ -76,6 +78,18 @@ def auto_dtype() -> str:
     return "float32"
 
 
+def auto_sharding() -> str:
+    """What ``model.sharding=auto`` means in this process: ``fsdp`` under ``accelerate launch --use_fsdp
+    --fsdp_version 2`` (its FSDP plugin sets ``ACCELERATE_USE_FSDP`` and ``FSDP_VERSION``), else ``none``.
+    Raises :class:`ConfigError` for the plugin's FSDP version 1, which varlora does not implement."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("true", "1"):
+        return "none"
+    version = os.environ.get("FSDP_VERSION", "1")
+    check(version == "2", "model.sharding", "auto", f"accelerate launch asks for FSDP version {version}; varlora "
+          "shards with FSDP2 only (launch with --fsdp_version 2)")
+    return "fsdp"
+
+
 @dataclass
 class ModelArgs:
     """The base causal LM: where it comes from, its precision and quantisation, and the memory levers.
@@ -104,6 +118,11 @@ class ModelArgs:
         "local: load the base straight onto this process's device (its GPU, else the CPU), never whole on the host "
         "first; auto: spread its layers over every visible GPU (then the CPU) with accelerate, one process only",
         default="local")
+    sharding: Sharding = option(
+        "fsdp: shard the base and the LoRA weights over the ranks of torchrun or accelerate launch with FSDP2 "
+        "(fully_shard per decoder layer), for a base that does not fit one device; none: every rank holds the "
+        "whole model (data parallel); auto: fsdp under accelerate launch's FSDP plugin (--use_fsdp --fsdp_version "
+        "2), else none (config.json records the resolved value). One process never shards", default="auto")
     tf32: bool = option("on CUDA, run float32 matmuls (LoRA, upcast layers) on TF32 tensor cores; no effect on CPU",
                         default=True)
 
@@ -122,6 +141,15 @@ class ModelArgs:
               self.attn_implementation, f"must be one of {list(typing.get_args(AttnImplementation))}")
         check(self.device_map in typing.get_args(DeviceMap), "model.device_map", self.device_map,
               "must be local or auto")
+        check(self.sharding in typing.get_args(Sharding), "model.sharding", self.sharding,
+              "must be auto, none or fsdp")
+        if self.sharding == "auto":
+            self.sharding = auto_sharding()
+        check(self.sharding == "none" or self.quantization == "none", "model.sharding", self.sharding,
+              f"cannot shard a base quantised by bitsandbytes (model.quantization={self.quantization!r}): its packed "
+              "weights are not DTensors; quantise on one GPU, or shard a bf16 base")
+        check(self.sharding == "none" or self.device_map == "local", "model.sharding", self.sharding,
+              "needs model.device_map=local (FSDP places every shard on its rank's device)")
 
 
 @dataclass

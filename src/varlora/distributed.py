@@ -18,6 +18,8 @@ uses the same examples as a single-process run:
 Evaluation splits the examples across ranks and gathers the probabilities (every rank draws the same posterior
 samples, so the result equals one process's). Rank 0 alone writes files. Single-process runs never touch
 ``torch.distributed``.
+
+With ``model.sharding=fsdp`` the ranks hold shards of the model instead of copies (:mod:`varlora.sharding`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 __all__ = ["LaunchEnv", "active", "all_gather_objects", "average_gradients", "barrier", "broadcast_object",
            "check_on_main", "init", "is_main", "launch_env", "local_device", "main_only", "mean_over_ranks", "rank",
@@ -160,10 +163,13 @@ def all_gather_objects(value: Any) -> list[Any]:
 
 
 def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """Replace each ``p.grad`` by its mean over ranks (missing gradients count as zero), in one all-reduce."""
+    """Replace each ``p.grad`` by its mean over ranks (missing gradients count as zero), in one all-reduce.
+    Parameters sharded by FSDP2 (DTensors) are left alone: their reduce-scatter already averaged them."""
     if not active():
         return
-    with_grad = [p for p in params if p.requires_grad]
+    with_grad = [p for p in params if p.requires_grad and not isinstance(p, DTensor)]
+    if not with_grad:
+        return
     for p in with_grad:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

@@ -20,6 +20,7 @@ from varlora import distributed
 from varlora._batched_lora import batched_lora, fold_batch
 from varlora.metrics import compute_metrics, mutual_information, predictive_entropy
 from varlora.prediction import Prediction
+from varlora.sharding import is_sharded
 from varlora.tasks import Example
 
 if TYPE_CHECKING:
@@ -37,12 +38,19 @@ def predict_logits(model: torch.nn.Module, scorer, examples: Sequence[Example], 
     Examples are batched in order of text length (less padding), and the rows returned in input order.
     Under :mod:`varlora.distributed` each rank scores every N-th example of that order and every rank gets
     all the rows. With ``n_samples = S`` each batch is folded S times (inside :func:`varlora._batched_lora.
-    batched_lora`, one posterior sample per block of rows) and the logits are (S, N, K).
+    batched_lora`, one posterior sample per block of rows) and the logits are (S, N, K). A model sharded by FSDP2
+    all-gathers its weights in every forward, so there every rank runs as many batches as the busiest: the
+    others score a one-example batch more, whose logits are dropped.
     """
-    order = sorted(range(len(examples)), key=lambda i: _text_length(examples[i]))[distributed.rank() ::
-                                                                                   distributed.world_size()]
+    everything = sorted(range(len(examples)), key=lambda i: _text_length(examples[i]))
+    order = everything[distributed.rank() :: distributed.world_size()]
+    starts = list(range(0, len(order), batch_size))
+    if is_sharded(model) and everything:
+        busiest = -(-len(everything[:: distributed.world_size()]) // batch_size)  # rank 0's share is the largest
+        for _ in range(busiest - len(starts)):
+            scorer.choice_logits(model, scorer.collate([examples[everything[0]]]))  # the collective forwards only
     chunks = []
-    for start in range(0, len(order), batch_size):
+    for start in starts:
         batch = scorer.collate([examples[i] for i in order[start : start + batch_size]])
         if n_samples is None:
             chunks.append(scorer.choice_logits(model, batch).double().cpu())  # (B, K)

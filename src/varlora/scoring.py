@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from varlora.sharding import is_sharded
 from varlora.tasks import Example, Task
 
 __all__ = ["AnswerTokenError", "ClozeScorer", "LetterScorer", "Mode", "Scorer", "TruncationReport",
@@ -405,6 +406,10 @@ class ClozeScorer(Scorer):
         if ctx.shape[0] != B * K and model.training and _checkpointing(model):
             # checkpointed models run without a KV cache: expand to one sequence per pair
             ctx, ctx_mask = ctx.repeat_interleave(K, 0), ctx_mask.repeat_interleave(K, 0)
+        if ctx.shape[0] != B * K and cont.shape[1] == 1 and is_sharded(model):
+            # FSDP2: the continuations' forward all-gathers, so every rank runs it, also when its batch's
+            # continuations are one token each: a padding column, masked and not scored, leaves the scores as they are
+            cont, cont_mask = F.pad(cont, (0, 1)), F.pad(cont_mask, (0, 1))
         if ctx.shape[0] == B * K:
             logits = self._pair_logits(model, ctx, ctx_mask, cont, cont_mask)
         else:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from varlora import _io, distributed
+from varlora import _io, distributed, sharding
 from varlora.config import ConfigError, RunConfig
 from varlora.models import attach_lora, load_base_model, load_tokenizer, lora_parameters, prepare_base_model, set_tf32
 from varlora.run_paths import RunPaths
@@ -109,6 +109,8 @@ def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True, ne
     initialised model of a real size, for a benchmark); the model is frozen in place (prepared for
     ``config.model``'s gradient checkpointing, for k-bit training if bitsandbytes quantised it), gets LoRA and is
     moved to this process's device. A base loaded here is loaded onto its device directly (``model.device_map``).
+    Under ``model.sharding=fsdp`` with several ranks the base is loaded onto the host and the model, LoRA
+    included, is sharded over the ranks (:func:`varlora.sharding.shard_model`), each shard on its rank's device.
     """
     if (base_model is None) != (tokenizer is None):
         raise ValueError("setup: pass base_model and tokenizer together, or neither")
@@ -116,14 +118,19 @@ def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True, ne
     torch.manual_seed(config.train.seed)
     device = distributed.local_device()
     set_tf32(device, config.model.tf32)
+    shard = sharding.shards(config)
     if base_model is None:
         tokenizer = load_tokenizer(config.model.name)
-        base_model = load_base_model(config.model, device)  # prepared, and already where device_map put it
+        # prepared, and already where device_map put it (sharded: on the host, until each layer's shard moves)
+        base_model = load_base_model(config.model, torch.device("cpu") if shard else device)
         model = attach_lora(base_model, config.lora, seed=config.train.seed)  # LoRA is made beside each layer
     else:
         prepare_base_model(base_model, config.model)
         model = attach_lora(base_model, config.lora, seed=config.train.seed)
-        model.to(device)
+        if not shard:
+            model.to(device)
+    if shard:
+        sharding.shard_model(model)
     if distributed.rank() > 0:  # the same LoRA initialisation on every rank, but rank-specific dropout
         torch.manual_seed(config.train.seed * 1_000_003 + distributed.rank())
     if not need_data:

@@ -45,7 +45,7 @@ from typing import Any
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from varlora import _io, calibration, distributed
+from varlora import _io, calibration, distributed, sharding
 from varlora.checkpoint import (
     file_digests,
     file_sha256,
@@ -208,13 +208,15 @@ def _fit_calibration_layer(session: Session, method: Method, log: Log) -> dict[s
 
 
 def _save_final(session: Session, method: Method, stage: dict[str, Any]) -> None:
-    """Write ``final/`` in one piece: the method's files, then stage.json with their digests."""
-    if not distributed.is_main():
-        return
-    kept = "the checkpoint is kept: free some space and rerun the same command to save it again"
-    with saving(session.paths.final, kept), _io.atomic_dir(session.paths.final) as folder:
-        method.save(folder)
-        _io.write_json(folder / STAGE_FILE, stage | {"files": file_digests(folder)})
+    """Write ``final/`` in one piece: the method's files, then stage.json with their digests (rank 0; a sharded
+    model's LoRA weights are gathered whole first, by every rank)."""
+    with sharding.full_weights(session.model, session.params):
+        if not distributed.is_main():
+            return
+        kept = "the checkpoint is kept: free some space and rerun the same command to save it again"
+        with saving(session.paths.final, kept), _io.atomic_dir(session.paths.final) as folder:
+            method.save(folder)
+            _io.write_json(folder / STAGE_FILE, stage | {"files": file_digests(folder)})
 
 
 def check_final(folder: Path) -> dict[str, Any]:
@@ -348,7 +350,8 @@ def load_run(run_dir: str | Path, config: RunConfig | None = None) -> tuple[Sess
     check_final(paths.final)
     session = setup(config, paths.root, need_train=False)
     method = build_method(session)
-    method.load(paths.final)
+    with sharding.full_weights(session.model, session.params):  # every rank loads the whole adapter
+        method.load(paths.final)
     return session, method
 
 
@@ -385,7 +388,8 @@ def train_run(config: RunConfig, run_dir: str | Path, log: Log = print, reuse: s
     if distributed.broadcast_object(stage_path.is_file()):
         log(f"{paths.final} is complete; evaluating it")
         stage = check_final(paths.final)
-        method.load(paths.final)
+        with sharding.full_weights(session.model, session.params):
+            method.load(paths.final)
     else:
         stage = _train_or_reuse(session, method, Path(reuse) if reuse else None, memory, log)
         _save_final(session, method, stage)
@@ -413,7 +417,7 @@ def train_run(config: RunConfig, run_dir: str | Path, log: Log = print, reuse: s
                "trained_in": stage["trained_in"], "posthoc": stage["posthoc"], "n_train": len(session.train_examples),
                "n_eval": len(session.val_examples), "results": results, "rows": rows, "cost": cost,
                "truncation": {label: report.to_dict() for label, report in session.truncation.items()},
-               "processes": distributed.world_size()}
+               "processes": distributed.world_size(), "sharded": sharding.is_sharded(session.model)}
     if distributed.is_main():
         with saving(summary_path, "final/ and eval/ are kept: free some space and rerun the same command"):
             _io.write_json(summary_path, summary)

@@ -20,6 +20,7 @@ from varlora.methods.training import (
     restore,
     snapshot,
 )
+from varlora.sharding import shard_optimizer_state
 
 __all__ = ["AdamWArgs", "AdamW", "adamw_step"]
 
@@ -92,7 +93,7 @@ class AdamW(Method):
 
     def load_state_dict(self, state: dict) -> None:
         restore(self.session.params, state["params"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], list(self.session.params.values())))
         self.scheduler.load_state_dict(state["scheduler"])
 
     def extra_bytes(self) -> dict[str, int]:

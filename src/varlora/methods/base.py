@@ -57,7 +57,9 @@ class Method:
       method that trains a MAP adapter first). Only these sections count when a run folder compares configs.
     - ``trains``: whether it runs training steps. ``posthoc_of``: the method whose trained adapter a post-hoc
       method starts from; an experiment may reuse that method's finished run instead of training again.
-    - ``supports_distributed``: whether it runs under torchrun with several processes.
+    - ``supports_distributed``: whether it runs under torchrun with several processes, data parallel or with the
+      model sharded by FSDP2 (``model.sharding=fsdp``: its training, saving and predictions then see DTensor
+      parameters, :mod:`varlora.sharding`).
     - ``checkpointing_conflict``: why its training cannot run with ``model.gradient_checkpointing`` ("" where it
       can; the recipe refuses such a run with this reason).
     - ``role``: ``"map"`` for the deterministic baseline drawn as the reference point in figures, else "".

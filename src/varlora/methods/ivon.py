@@ -30,8 +30,10 @@ from varlora.evaluate import batched_sampled_prediction, deterministic_predictio
 from varlora.methods.base import Method, Prediction, StepResult, register
 from varlora.methods.training import backward_batch, linear_scheduler, optimizer_state_bytes, restore, snapshot
 from varlora.optim import IVON, OWN_STATE_KEY, validate_ivon_hyperparameters
+from varlora.optim._dtensor import full
 from varlora.optim.sampling import stacked_named_samples
 from varlora.posterior import POSTERIOR_FILE, Posterior
+from varlora.sharding import is_sharded
 
 __all__ = ["IVONArgs", "IVONMethod", "TAU_STAR_LABEL", "posterior_scale_rule", "tau_label"]
 
@@ -143,12 +145,15 @@ class IVONMethod(Method):
         v = self.args
         width = self.session.model.get_input_embeddings().embedding_dim
         self.ess, self.hess_init = posterior_scale_rule(v, len(self.session.train_examples), width)
-        # each rank its own noise: under torch.distributed the ranks are IVON's MC samples (sync=True)
-        generator = torch.Generator().manual_seed(self.config.train.seed + 1_000_003 * distributed.rank())
+        # data parallel: each rank its own noise, the ranks are IVON's MC samples (sync=True); sharded (FSDP2):
+        # one sample shared by all ranks, each perturbing its shard with its slice of the same draw (sync=False)
+        sharded = is_sharded(self.session.model)
+        generator = torch.Generator().manual_seed(self.config.train.seed
+                                                  + 1_000_003 * (0 if sharded else distributed.rank()))
         self.optimizer = IVON(list(self.session.params.values()), lr=v.lr, ess=self.ess, hess_init=self.hess_init,
                               beta1=v.beta1, beta2=v.beta2, weight_decay=v.weight_decay, mc_samples=v.mc_samples,
                               clip_radius=v.clip_radius, rescale_lr=v.rescale_lr, generator=generator,
-                              sync=distributed.active())
+                              sync=distributed.active() and not sharded)
         self.scheduler = linear_scheduler(self.session, self.optimizer)
 
     def train_step(self, step: int) -> StepResult:
@@ -192,7 +197,7 @@ class IVONMethod(Method):
         for name, s in self.posterior.std.items():
             if ".lora_A." in name:
                 a_std.append(s.double().sum())
-                a_mean.append(self.session.params[name].detach().double().abs().sum())
+                a_mean.append(full(self.session.params[name].detach()).double().abs().sum())  # gathered if sharded
         fit = {"ess": self.ess, "hess_init": self.hess_init, "sigma_mean": float(std.mean()),
                "sigma_over_abs_mean_a": float(sum(a_std) / sum(a_mean)) if a_mean else None}
         log(f"ivon posterior: ess {self.ess:.4g}, h0 {self.hess_init:.4g}, mean sigma {fit['sigma_mean']:.4g}, "
@@ -250,7 +255,8 @@ class IVONMethod(Method):
         if tau == 0.0:
             return deterministic_prediction(self, label, examples, scorer, tau=0.0)
         generator = torch.Generator(self._device()).manual_seed(self.config.eval.seed)
-        if self.config.eval.batched_samples and supports(self.session.model, set(self.session.params)):
+        if (self.config.eval.batched_samples and not is_sharded(self.session.model)
+                and supports(self.session.model, set(self.session.params))):  # folded samples need whole weights
             samples = stacked_named_samples(self.session.params, self.posterior.std, tau=tau,
                                             generator=generator, n_samples=self.config.eval.n_samples)
             return batched_sampled_prediction(self, label, examples, scorer, samples,

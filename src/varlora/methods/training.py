@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from varlora import distributed
+from varlora.optim._dtensor import full, like
 from varlora.schedule import linear_schedule
 
 if TYPE_CHECKING:
@@ -62,11 +63,12 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def snapshot(params: dict[str, torch.nn.Parameter]) -> dict[str, Any]:
-    """CPU copies of named parameters (for checkpoints)."""
-    return {n: p.detach().cpu().clone() for n, p in params.items()}
+    """CPU copies of named parameters (for checkpoints); sharded ones gathered whole (every rank calls it)."""
+    return {n: full(p.detach()).cpu().clone() for n, p in params.items()}
 
 
 def restore(params: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor]) -> None:
+    """Copy ``saved`` (full tensors) into the named parameters; a sharded (FSDP2) one takes its shard."""
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(saved[name])
+            param.copy_(like(saved[name], param))
