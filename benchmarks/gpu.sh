@@ -8,8 +8,8 @@
 #   sampled_eval   IVON's 10-sample evaluation batched (all at once, and in chunks of 5: eval.samples_per_forward)
 #                  and sequential, against 10 evaluations at the mean, with each one's peak memory;
 #   qlora_step     an IVON step on the same model quantised to 4 bits as it loads (bitsandbytes), time and peak;
-#   fsdp_step      a 2-process `varlora train` step with sharded weights where there are 2 GPUs and the CLI offers a
-#                  sharding option (skipped with the reason otherwise).
+#   fsdp_step      a 2-process `varlora train` run of 2 IVON steps with FSDP2-sharded weights (--model.sharding
+#                  fsdp) where there are 2 GPUs (skipped with the reason otherwise).
 #
 # Its image has torch but not the transformers/peft versions varlora needs, nor bitsandbytes: carry them as wheels
 # in .whl/ (ignored by git; bitsandbytes trimmed to its CUDA 13 library, the image's, to fit the 64 MiB a call
@@ -93,11 +93,11 @@ else
 fi
 
 gpus=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null || echo 0)
-flag=$($PY -m varlora.cli train --help 2>/dev/null | grep -o -- '--train\.shard[a-z_]*' | head -1)
+flag=$($PY -m varlora.cli train --help 2>/dev/null | grep -o -- '--[a-z]*\.sharding' | head -1)
 if [ "$gpus" -lt 2 ]; then
     echo "=== fsdp_step: skipped ($gpus GPU(s) on this machine; a 2-process sharded step needs 2)"
 elif [ -z "$flag" ]; then
-    echo "=== fsdp_step: skipped (varlora train offers no --train.shard* option in this version)"
+    echo "=== fsdp_step: skipped (varlora train offers no --<section>.sharding option in this version)"
 elif [ ! -f "$model_dir/config.json" ]; then
     echo "=== fsdp_step: skipped (no saved model to load)"
 else
