@@ -80,11 +80,11 @@ def test_the_layer_recovers_a_known_temperature_and_applies_it_to_averaged_proba
     labels = torch.multinomial(torch.softmax(logits / 2.5, -1), 1, generator=g).squeeze(1)  # truly T = 2.5
     row = Prediction(label="m", method="m", probs=torch.softmax(logits, -1), labels=labels)
     fitted = calibration.fit_layer([row])
-    assert fitted["m"]["temperature"] == pytest.approx(2.5, rel=0.03)
+    assert fitted["m"]["T"] == pytest.approx(2.5, rel=0.03)
     assert fitted["m"]["nll_after"] < fitted["m"]["nll_before"]
     sampled = Prediction(label="s", method="s", probs=torch.softmax(logits[:5], -1), labels=labels[:5], tau=1.0,
                          sample_probs=torch.rand(3, 5, 4, dtype=torch.float64), n_samples=3, forward_passes=3)
-    [out] = calibration.apply_layer([sampled], {"s": {"temperature": 2.0}})
+    [out] = calibration.apply_layer([sampled], {"s": {"T": 2.0}})
     expected = sampled.probs.sqrt() / sampled.probs.sqrt().sum(-1, keepdim=True)  # p̄^(1/T), renormalised
     torch.testing.assert_close(out.probs, expected)
     assert (out.label, out.tau, out.n_samples, out.forward_passes, out.sample_probs) == ("s+ts", 1.0, 3, 3, None)
@@ -102,8 +102,8 @@ def test_runs_with_calibration_questions_add_calibrated_rows_and_ivon_tau_star(f
         assert set(layer) == {label for label in labels if not label.endswith("+ts")}
         probs = load_file(str(next((folder / "eval").glob("*.probs.safetensors"))))
         for label, fit in layer.items():  # each calibrated row is its row's p̄^(1/T), renormalised
-            assert fit["n"] == K and fit["temperature"] > 0
-            expected = torch.softmax(probs[f"probs/{label}"].log() / fit["temperature"], -1)
+            assert fit["n"] == K and fit["T"] > 0
+            expected = torch.softmax(probs[f"probs/{label}"].log() / fit["T"], -1)
             torch.testing.assert_close(probs[f"probs/{label}+ts"], expected)
     posthoc = finished["ivon"][1]["posthoc"]
     nll_by_tau = posthoc["calibration_nll_by_tau"]

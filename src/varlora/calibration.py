@@ -39,14 +39,14 @@ def _log_probs(probs: torch.Tensor) -> torch.Tensor:
 
 def fit_layer(predictions: Sequence[Prediction], bounds: tuple[float, float] = (0.01, 100.0)) -> dict[str, Any]:
     """One temperature per row, fitted on the rows' predictions of the calibration questions: label →
-    ``{"temperature", "nll_before", "nll_after", "n"}``. Rows already calibrated are skipped."""
+    ``{"T", "nll_before", "nll_after", "n"}`` (T the temperature). Rows already calibrated are skipped."""
     fitted = {}
     for p in predictions:
         if p.label.endswith(SUFFIX):
             continue
         logits = _log_probs(p.probs)
         temperature = fit_temperature(logits, p.labels, *bounds)
-        fitted[p.label] = {"temperature": temperature, "nll_before": nll_at_temperature(logits, p.labels, 1.0),
+        fitted[p.label] = {"T": temperature, "nll_before": nll_at_temperature(logits, p.labels, 1.0),
                            "nll_after": nll_at_temperature(logits, p.labels, temperature), "n": len(p.labels)}
     return fitted
 
@@ -58,7 +58,7 @@ def apply_layer(predictions: Sequence[Prediction], fitted: dict[str, Any]) -> li
     for p in predictions:
         if p.label not in fitted:
             continue
-        logits = _log_probs(p.probs) / fitted[p.label]["temperature"]
+        logits = _log_probs(p.probs) / fitted[p.label]["T"]
         out.append(Prediction(label=p.label + SUFFIX, method=p.method, probs=torch.softmax(logits, -1),
                               labels=p.labels, logits=logits, tau=p.tau, n_samples=p.n_samples,
                               forward_passes=p.forward_passes))

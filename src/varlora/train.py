@@ -202,7 +202,7 @@ def _fit_calibration_layer(session: Session, method: Method, log: Log) -> dict[s
     examples = session.calibration_examples
     fitted = calibration.fit_layer(method.predict(examples, session.scorer))
     for label, fit in fitted.items():
-        log(f"calibration layer: {label} T = {fit['temperature']:.4f} on {len(examples)} calibration questions "
+        log(f"calibration layer: {label} T = {fit['T']:.4f} on {len(examples)} calibration questions "
             f"(NLL there {fit['nll_before']:.4f} → {fit['nll_after']:.4f})")
     return fitted
 
