@@ -114,7 +114,7 @@ def test_an_8bit_base_trains_saves_reloads_and_predicts_identically(name, assets
         assert torch.equal(saved[f"probs/{p.label}"], p.probs), p.label
 
 
-def test_training_moves_lora_on_a_4bit_base_and_blob_samples_differ(assets, tmp_path):
+def test_blob_flipout_samples_differ_on_a_4bit_base(assets, tmp_path):
     """The flipout hook on lora_A works on a quantised layer: BLoB's samples are not all the same."""
     summary = train_run(_config(assets, "blob", "4bit"), tmp_path / "blob", log=_quiet)
     probs = load_file(str(RunPaths(tmp_path / "blob").eval_probs(summary["task"])))
