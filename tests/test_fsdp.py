@@ -150,20 +150,23 @@ def _accelerate_fsdp(config: dict, folder: Path) -> None:
 
 def test_fsdp_training_equals_data_parallel_resumes_and_loads_in_one_process(assets, tmp_path):
     """2 ranks with a sharded model. AdamW launched by accelerate's FSDP plugin (model.sharding=auto becomes fsdp)
-    equals AdamW data parallel. IVON (torchrun's variables) stopped after its step-2 checkpoint and rerun ends bit
-    for bit like the uninterrupted run; that run equals single-process IVON (one shared sample per step, the
-    gradient of the whole batch); its final/ loads in one unsharded process and predicts the same."""
+    equals AdamW data parallel, and bit for bit the same run under torchrun's variables, stopped after its step-2
+    checkpoint and rerun. IVON stopped and rerun likewise ends bit for bit like the uninterrupted run; that run
+    equals single-process IVON (one shared sample per step, the gradient of the whole batch); its final/ loads in
+    one unsharded process and predicts the same."""
     adamw, ivon = _config(assets, "adamw"), _fsdp(_config(assets, "ivon"))
-    dp, whole, cut = (str(tmp_path / name) for name in ("dp", "whole", "cut"))
-    _spawn([(adamw, dp, None), (ivon, whole, None), (ivon, cut, 2), (ivon, cut, None)])
+    dp, adamw_cut, whole, cut = (str(tmp_path / name) for name in ("dp", "adamw_cut", "whole", "cut"))
+    _spawn([(adamw, dp, None), (_fsdp(adamw), adamw_cut, 2), (_fsdp(adamw), adamw_cut, None), (ivon, whole, None),
+            (ivon, cut, 2), (ivon, cut, None)])
     _accelerate_fsdp(adamw, tmp_path / "fsdp")
     assert RunConfig.load(tmp_path / "fsdp" / "config.json").model.sharding == "fsdp"
     runs = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("dp", "fsdp", "whole")}
     assert [runs[name]["sharded"] for name in ("dp", "fsdp", "whole")] == [False, True, True]
     for key, tensor in _adapter(Path(dp)).items():
         torch.testing.assert_close(_adapter(tmp_path / "fsdp")[key], tensor, rtol=1e-5, atol=1e-7)
+        assert torch.equal(_adapter(Path(adamw_cut))[key], _adapter(tmp_path / "fsdp")[key]), key
 
-    # resume: the checkpoint holds full tensors, cut to shards again on load
+    # IVON's resume: the checkpoint holds full tensors, cut to shards again on load
     for name, tensor in _adapter(Path(whole)).items():
         assert torch.equal(tensor, _adapter(Path(cut))[name]), name
     posterior = [load_file(str(Path(f) / "final" / "posterior.safetensors")) for f in (whole, cut)]
