@@ -21,6 +21,7 @@ from varlora.methods._kfac import (
     glm_moments,
     glm_probs,
     lora_layers,
+    validation_prior_precision,
 )
 from varlora.scoring import ClozeScorer
 
@@ -157,6 +158,41 @@ def test_marglik_maximum_checked_against_grid_and_fixed_point(lora_cloze):
     gamma = la.effective_params()
     assert gamma == pytest.approx(delta * la.map_sq_norm, rel=1e-6)
     assert 0 < gamma < la.n_params
+
+
+def test_validation_prior_precision_is_the_grid_argmin_of_the_heldout_nll(lora_cloze):
+    """The covariance over a grid of δ from one Jacobian pass equals glm_moments at each δ alone, and the
+    validation fit picks the grid point whose predictive (the same seeded draws at every δ) has the lowest NLL on
+    the held-out batches, computed here one δ at a time; the fit sets la.prior_precision to it."""
+    model, scorer = lora_cloze
+    layers = lora_layers(model)
+    fn = lambda b: scorer.choice_logits(model, b)  # noqa: E731
+    la = fit_kron_laplace(fn, layers, [scorer.collate(MC[:2])], optimize=False)
+    held = [scorer.collate(MC[:1]), scorer.collate(MC[1:])]
+    grid = [1e-3, 0.1, 10.0, 1e3]
+    for batch in held:
+        mean, var = glm_moments(fn, layers, la, batch, prior_precisions=grid)
+        assert var.shape == (len(grid), *glm_moments(fn, layers, la, batch)[1].shape)
+        for d, delta in enumerate(grid):
+            la.prior_precision = delta
+            torch.testing.assert_close(var[d], glm_moments(fn, layers, la, batch)[1], rtol=1e-12, atol=0)
+    for link in ("mc", "probit"):
+        nll = []
+        for delta in grid:
+            la.prior_precision = delta
+            total = n = 0
+            for batch in held:
+                probs, _ = glm_probs(*glm_moments(fn, layers, la, batch), link, 64, torch.Generator().manual_seed(5))
+                y = batch["labels"]
+                total -= float(probs[torch.arange(len(y)), y].log().sum())
+                n += len(y)
+            nll.append(total / n)
+        la.prior_precision = 1.0
+        delta, curve = validation_prior_precision(fn, layers, la, held, grid, link, n_samples=64, seed=5)
+        torch.testing.assert_close(curve, torch.tensor(nll, dtype=torch.float64), rtol=1e-10, atol=0)
+        assert delta == la.prior_precision == grid[min(range(len(grid)), key=nll.__getitem__)]
+    with pytest.raises(ValueError, match="grid must hold prior precisions > 0"):
+        validation_prior_precision(fn, layers, la, held, [0.0, 1.0])
 
 
 def test_save_load_gives_identical_probabilities(lora_cloze, tmp_path):

@@ -68,6 +68,21 @@ def test_laplace_predictive_reduces_to_map_as_the_prior_tightens(assets, tmp_pat
 
 def test_laplace_args_are_validated():
     for field, value in [("subset_of_weights", "first"), ("hessian_structure", "full"), ("link_approx", "x"),
-                         ("prior_optimization", "cv"), ("prior_precision", 0.0), ("fit_limit", -1)]:
+                         ("prior_optimization", "cv"), ("prior_precision", 0.0), ("fit_limit", -1),
+                         ("prior_holdout", 0)]:
         with pytest.raises(ConfigError, match=f"laplace.{field}"):
             LaplaceArgs(**{field: value})
+
+
+def test_laplace_validation_prior_is_a_grid_point_fitted_on_heldout_questions(assets, tmp_path):  # noqa: F811
+    """prior_optimization='validation': δ is a point of PRIOR_GRID, chosen on held-out training questions (the
+    run trains on train_limit of them), and the log names the held-out count."""
+    from varlora.methods.laplace import PRIOR_GRID
+
+    data = _laplace_config(assets, prior_optimization="validation", prior_holdout=4, link_approx="probit").to_dict()
+    config = RunConfig.from_dict(data | {"data": data["data"] | {"train_limit": 24}})
+    lines = []
+    summary = train_run(config, tmp_path / "run", log=lines.append)
+    delta = summary["posthoc"]["prior_precision"]
+    assert min(abs(delta / float(g) - 1) for g in PRIOR_GRID) < 1e-12
+    assert any("on 4 held-out questions" in line for line in lines)
