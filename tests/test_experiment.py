@@ -68,6 +68,18 @@ def test_a_zero_shot_variant_runs_once_at_the_first_seed(tmp_path):
     assert [(v, s) for _, v, s, _ in run_configs(preset, seeds=[3])] == [("ivon", 3)]
 
 
+def test_variant_seeds_run_a_variant_on_fewer_seeds(tmp_path):
+    path = tmp_path / "p.yaml"
+    text = ("description: x\nbase: {}\nvariants: {a: {method: {name: adamw}}, d: {method: {name: mc_dropout}}}\n"
+            "tasks: {arc_easy: null}\nseeds: [5, 3]\nvariant_seeds: {d: [5]}\n")
+    path.write_text(text)
+    assert [(v, s) for _, v, s, _ in run_configs(load_preset(str(path)))] == [("a", 5), ("d", 5), ("a", 3)]
+    for bad in ("{x: [5]}", "{d: [7]}"):
+        path.write_text(text.replace("{d: [5]}", bad))
+        with pytest.raises(ConfigError, match="variant_seeds"):
+            load_preset(str(path))
+
+
 def test_merge_is_deep_and_does_not_mutate():
     base = {"train": {"steps": 5, "seed": 1}, "eval": {"taus": [0.0]}}
     merged = _merge(base, {"train": {"steps": 9}, "eval": {"taus": [1.0]}})

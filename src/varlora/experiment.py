@@ -9,6 +9,7 @@ A preset (``src/varlora/recipes/experiment_<name>.yaml`` or any YAML file) has::
     seeds: [21, 42, 87]
     seed_overrides: {21: {section: {...}}}   optional, per-seed overrides (applied last), e.g. a finer τ grid
                                              for the seed that makes the figures
+    variant_seeds: {variant: [21]}           optional, the seeds a variant runs on where not all of them
     selection: {metric: nll}                 optional, marks a tuning preset: the report names, per method, the
                                              variant with the best mean of ``metric`` (acc: highest, else lowest)
                                              on the row it is judged by (the sampled predictive at τ = 1, or the
@@ -37,7 +38,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ class Preset:
     source: str
     seed_overrides: dict[int, dict[str, Any]]
     selection: dict[str, Any] | None = None
+    variant_seeds: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _merge(into: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +102,7 @@ def load_preset(name_or_path: str) -> Preset:
     required = {"description", "base", "variants", "tasks", "seeds"}
     if not isinstance(data, dict) or required - set(data):
         raise ConfigError(f"{source}: a preset needs the keys {sorted(required)}")
-    unknown = set(data) - required - {"seed_overrides", "selection"}
+    unknown = set(data) - required - {"seed_overrides", "selection", "variant_seeds"}
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)}")
     tasks = {task: overrides or {} for task, overrides in data["tasks"].items()}
@@ -109,8 +111,14 @@ def load_preset(name_or_path: str) -> Preset:
     if selection is not None and (not isinstance(selection, dict) or set(selection) != {"metric"}
                                   or selection["metric"] not in report.METRICS):
         raise ConfigError(f"{source}: selection must be {{metric: one of {list(report.METRICS)}}}, got {selection!r}")
+    variant_seeds = {name: [int(s) for s in seeds] for name, seeds in (data.get("variant_seeds") or {}).items()}
+    for name, seeds in variant_seeds.items():
+        if name not in data["variants"] or not set(seeds) <= {int(s) for s in data["seeds"]}:
+            raise ConfigError(f"{source}: variant_seeds.{name}={seeds}: must name a variant and some of the seeds "
+                              f"{data['seeds']}")
     preset = Preset(path.stem if path.suffix else name_or_path, data["description"].strip(), data["base"],
-                    data["variants"], tasks, [int(s) for s in data["seeds"]], source, seed_overrides, selection)
+                    data["variants"], tasks, [int(s) for s in data["seeds"]], source, seed_overrides, selection,
+                    variant_seeds)
     run_configs(preset)  # validate every run's config up front
     return preset
 
@@ -141,6 +149,8 @@ def run_configs(preset: Preset, tasks: Sequence[str] | None = None, seeds: Seque
                 config = RunConfig.from_dict(data, source=f"{preset.source} [{task}/{variant}/seed {seed}]")
                 if get_method(config.method.name).seed_independent and seed != preset.seeds[0]:
                     continue  # an untrained model's evaluation does not depend on the seed: run it once
+                if seed not in preset.variant_seeds.get(variant, [seed]):
+                    continue  # a variant the preset runs on fewer seeds (e.g. one shown dominated before)
                 runs.append((task, variant, seed, config))
     posthoc = {v for _, v, _, c in runs if get_method(c.method.name).posthoc_of}
     return sorted(runs, key=lambda run: (preset.seeds.index(run[2]), list(preset.tasks).index(run[0]),
