@@ -29,8 +29,8 @@ def test_every_shipped_preset_expands_to_valid_configs(name):
 
     once = [v for v in preset.variants if get_method(run_configs(preset, variants=[v])[0][3].method.name)
             .seed_independent]  # zero-shot variants run at the first seed only
-    trained = len(preset.variants) - len(once)
-    assert len(runs) == len(preset.tasks) * (len(preset.seeds) * trained + len(once))
+    seeds_of = {v: preset.variant_seeds.get(v, preset.seeds) for v in preset.variants if v not in once}
+    assert len(runs) == len(preset.tasks) * (sum(len(s) for s in seeds_of.values()) + len(once))
     assert [seed for _, _, seed, _ in runs] == sorted(seed for _, _, seed, _ in runs)  # seed-major
     for task, _variant, seed, config in runs:
         assert config.data.task == task and config.train.seed == seed
