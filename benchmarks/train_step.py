@@ -142,8 +142,8 @@ def main() -> None:
     model = args.model if args.shape is None else describe(random_model(args.shape, args.layers, args.dtype, "meta"),
                                                                       args.shape)
     targets = ",".join(args.targets)
-    print(f"train step, {model}, LoRA r{args.lora_r} {targets}, batch 4 {args.task} ({args.scoring}), {device_name(args.device)}, "
-          f"{args.steps} interleaved steps each after {args.warmup} warm-up")
+    print(f"train step, {model}, LoRA r{args.lora_r} {targets}, batch 4 {args.task} ({args.scoring}), "
+          f"{device_name(args.device)}, {args.steps} interleaved steps each after {args.warmup} warm-up")
     print(f"{'':8}{'median s/step':>14}{'min s/step':>12}{'opt. state MB':>15}{'extra MB':>10}{'peak MB':>10}")
     for name in args.methods:
         t, m = timing[name], memory[name]
