@@ -24,9 +24,25 @@ from varlora import _io
 from varlora.optim import perturbed_named_params
 from varlora.optim._dtensor import full
 
-__all__ = ["Posterior", "POSTERIOR_FILE"]
+__all__ = ["Posterior", "POSTERIOR_FILE", "scale_over_means"]
 
 POSTERIOR_FILE = "posterior.safetensors"
+
+
+def scale_over_means(std: Mapping[str, torch.Tensor], means: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The scale of a mean-field posterior against its means, both keyed by the same weight names: ``sigma`` (mean
+    σ over the weights), ``ratio_a`` = mean σ / mean |m| over the LoRA A matrices and ``ratio_all`` the same over
+    all of them (NaN where the means sum to 0)."""
+    sums = {"a": [0.0, 0.0], "all": [0.0, 0.0]}  # Σσ, Σ|m|
+    for name, sigma in std.items():
+        s, m = sigma.double().sum().item(), means[name].double().abs().sum().item()
+        for part in ("all", "a") if ".lora_A." in name else ("all",):
+            sums[part][0] += s
+            sums[part][1] += m
+    n_all = sum(t.numel() for t in std.values())
+    return {"sigma": sums["all"][0] / n_all,
+            "ratio_a": sums["a"][0] / sums["a"][1] if sums["a"][1] else float("nan"),
+            "ratio_all": sums["all"][0] / sums["all"][1] if sums["all"][1] else float("nan")}
 
 
 @dataclass

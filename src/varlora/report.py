@@ -35,6 +35,7 @@ from varlora.metrics import (
     mutual_information,
     predictive_entropy,
 )
+from varlora.posterior import scale_over_means
 from varlora.run_paths import RunPaths
 
 __all__ = ["RunResult", "find_runs", "aggregate", "markdown_table", "csv_table", "rank_table", "cost_table",
@@ -634,19 +635,13 @@ def posterior_scale(folder: Path, method: str) -> dict[str, float] | None:
     if not std:
         return None
     means, _ = _io.read_safetensors(adapter)
-    sums = {"a": [0.0, 0.0], "all": [0.0, 0.0]}  # Σσ, Σ|m|
+    matched = {}
     for name, sigma in std.items():
         key = name if name in means else re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)
         if key not in means or means[key].shape != sigma.shape:
             return None
-        s, m = sigma.double().sum().item(), means[key].double().abs().sum().item()
-        for part in ("all", "a") if ".lora_A." in name else ("all",):
-            sums[part][0] += s
-            sums[part][1] += m
-    n_all = sum(t.numel() for t in std.values())
-    return {"sigma": sums["all"][0] / n_all,
-            "ratio_a": sums["a"][0] / sums["a"][1] if sums["a"][1] else float("nan"),
-            "ratio_all": sums["all"][0] / sums["all"][1] if sums["all"][1] else float("nan")}
+        matched[name] = means[key]
+    return scale_over_means(std, matched)
 
 
 def selected_rows(results: Sequence[RunResult]) -> dict[str, RunResult]:

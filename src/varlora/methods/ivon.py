@@ -16,6 +16,7 @@ The posterior's scale comes from ``ivon.ess`` and ``ivon.hess_init``, by default
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from varlora.methods.training import backward_batch, linear_scheduler, optimizer
 from varlora.optim import IVON, OWN_STATE_KEY, validate_ivon_hyperparameters
 from varlora.optim._dtensor import full
 from varlora.optim.sampling import stacked_named_samples
-from varlora.posterior import POSTERIOR_FILE, Posterior
+from varlora.posterior import POSTERIOR_FILE, Posterior, scale_over_means
 from varlora.sharding import is_sharded
 
 __all__ = ["IVONArgs", "IVONMethod", "TAU_STAR_LABEL", "posterior_scale_rule", "tau_label"]
@@ -193,13 +194,9 @@ class IVONMethod(Method):
         τ* in ``ivon.tau_grid`` by the NLL of the predictive there (the Bayesian counterpart of a temperature)."""
         self.posterior = Posterior.from_optimizer(self.session.params, self.optimizer).to(self._device())
         std = torch.cat([s.flatten() for s in self.posterior.std.values()])
-        a_std, a_mean = [], []
-        for name, s in self.posterior.std.items():
-            if ".lora_A." in name:
-                a_std.append(s.double().sum())
-                a_mean.append(full(self.session.params[name].detach()).double().abs().sum())  # gathered if sharded
+        scale = scale_over_means(self.posterior.std, {n: full(p.detach()) for n, p in self.session.params.items()})
         fit = {"ess": self.ess, "hess_init": self.hess_init, "sigma_mean": float(std.mean()),
-               "sigma_over_abs_mean_a": float(sum(a_std) / sum(a_mean)) if a_mean else None}
+               "sigma_over_abs_mean_a": None if math.isnan(scale["ratio_a"]) else scale["ratio_a"]}
         log(f"ivon posterior: ess {self.ess:.4g}, h0 {self.hess_init:.4g}, mean sigma {fit['sigma_mean']:.4g}, "
             f"sigma / |m| on LoRA A {fit['sigma_over_abs_mean_a']}")
         examples = self.session.calibration_examples
