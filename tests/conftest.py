@@ -13,16 +13,18 @@ SHARED_DATA = SHARED / "data"
 SHARED_MODEL = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 320, dtype: torch.dtype = torch.float32, hidden_size: int = 32):
+def tiny_llama(seed: int = 0, vocab_size: int = 320, dtype: torch.dtype = torch.float32, hidden_size: int = 32,
+               tie_word_embeddings: bool = False):
     """A 2-layer random Llama small enough to train in milliseconds (``hidden_size`` 64 or more for bitsandbytes'
-    CPU 4-bit kernel, which packs the input dimension in blocks of 64)."""
+    CPU 4-bit kernel, which packs the input dimension in blocks of 64; ``tie_word_embeddings``: the head is the
+    embedding, as in SmolLM2)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie_word_embeddings,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
 

@@ -22,7 +22,7 @@ from test_train_distributed import WORLD, _adapter, _config, _spawn
 from varlora import IVON, distributed, sharding
 from varlora.config import ConfigError, LoraArgs, ModelArgs, RunConfig
 from varlora.evaluate import finish
-from varlora.models import attach_lora, lora_parameters
+from varlora.models import attach_lora, load_base_model, lora_parameters
 from varlora.scoring import make_scorer
 from varlora.tasks import Example
 from varlora.train import load_run, train_run
@@ -123,6 +123,77 @@ def test_ivon_under_fsdp_equals_ivon_data_parallel_with_shared_noise(tmp_path):
     assert torch.equal(runs[0]["fsdp"]["logits"], runs[1]["fsdp"]["logits"])
     assert not torch.equal(runs[0]["dp"]["params"][next(iter(runs[0]["dp"]["params"]))],
                            _lora_llama().get_parameter(next(iter(runs[0]["dp"]["params"]))))
+
+
+LORA = LoraArgs(r=4, alpha=8, dropout=0.0)
+# float32; bfloat16 with gradient checkpointing (the LoRA weights float32 in both)
+LOADINGS = [{}, {"dtype": "bfloat16", "gradient_checkpointing": True}]
+
+
+def _loading_worker(rank: int, folder: str, model: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    shard, before = sharding.shard_model, []
+
+    def recording_shard_model(model: torch.nn.Module) -> None:
+        before.append({p.device.type for p in model.parameters()})
+        shard(model)
+
+    sharding.shard_model = recording_shard_model
+    ids = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(0))  # the same batch on both ranks
+    try:
+        runs = []
+        for options in LOADINGS:
+            peft_model = sharding.load_sharded_model(ModelArgs(name=model, sharding="fsdp", **options), LORA, seed=3)
+            llama = peft_model.get_base_model()
+            local = {n: p.to_local().clone() for n, p in peft_model.named_parameters()}
+            mlp_calls = []  # the layer's forward is checkpointed: count a module inside it
+            llama.model.layers[0].mlp.register_forward_pre_hook(lambda *_, calls=mlp_calls: calls.append(1))
+            loss = peft_model.train()(input_ids=ids, labels=ids).loss
+            loss.backward()
+            params = lora_parameters(peft_model)
+            runs.append({"devices": before[-1], "local": local, "buffers": dict(peft_model.named_buffers()),
+                         "tied": llama.lm_head.weight is llama.model.embed_tokens.weight, "loss": loss.detach(),
+                         "layer_runs": len(mlp_calls),
+                         "grads": sharding.full_tensors({n: p.grad for n, p in params.items()})})
+        torch.save(runs, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_only_rank_0_loads_the_base_and_every_rank_gets_its_shards_of_it(tmp_path):
+    """2 ranks load a tiny tied-embedding Llama with model.sharding=fsdp, in float32 and in bfloat16 with gradient
+    checkpointing. Rank 1 never reads the weights: its parameters are on the meta device until sharded. After
+    loading, each rank's shard of every parameter, base and LoRA, is bitwise its slice of the model loaded whole in
+    one process; the rotary buffers (non-persistent, in no state dict) are the same; the head is still the
+    embedding; and a training forward and backward gives the one-process loss and LoRA gradients (with
+    checkpointing, each decoder layer runs twice)."""
+    tiny_llama(seed=0, tie_word_embeddings=True).save_pretrained(tmp_path / "model")
+    model = str(tmp_path / "model")
+    mp.spawn(_loading_worker, args=(str(tmp_path), model), nprocs=WORLD, join=True)
+    runs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ids = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    for i, options in enumerate(LOADINGS):
+        args = ModelArgs(name=model, **options)
+        whole = attach_lora(load_base_model(args, "cpu"), LORA, seed=3)
+        assert whole.get_base_model().lm_head.weight.dtype == (torch.bfloat16 if options else torch.float32)
+        params = lora_parameters(whole)
+        assert [runs[r][i]["devices"] for r in range(WORLD)] == [{"cpu"}, {"meta"}]
+        for rank, run in enumerate(r[i] for r in runs):
+            assert run["tied"] and run["layer_runs"] == (2 if options else 1)
+            assert run["local"].keys() == dict(whole.named_parameters()).keys()
+            for name, param in whole.named_parameters():
+                assert torch.equal(run["local"][name], param.detach().chunk(WORLD)[rank]), name
+            assert run["buffers"].keys() == {"base_model.model.model.rotary_emb.inv_freq",
+                                             "base_model.model.model.rotary_emb.original_inv_freq"}
+            for name, buffer in whole.named_buffers():
+                assert torch.equal(run["buffers"][name], buffer), name
+        loss = whole.train()(input_ids=ids, labels=ids).loss
+        loss.backward()
+        for run in (r[i] for r in runs):
+            torch.testing.assert_close(run["loss"], loss.detach(), rtol=1e-6, atol=0)
+            for name, param in params.items():
+                torch.testing.assert_close(run["grads"][name], param.grad, rtol=1e-5, atol=1e-7)
 
 
 def _fsdp(config: dict) -> dict:

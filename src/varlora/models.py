@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from varlora import distributed
 from varlora.config import ConfigError, LoraArgs, ModelArgs
 
-__all__ = ["ModelLoadError", "resolve_model_source", "load_base_model", "prepare_base_model", "quantization_config",
-           "is_kbit", "set_tf32", "load_tokenizer", "attach_lora", "lora_parameters", "save_adapter"]
+__all__ = ["ModelLoadError", "resolve_model_source", "load_base_model", "empty_base_model", "prepare_base_model",
+           "quantization_config", "is_kbit", "set_tf32", "load_tokenizer", "attach_lora", "lora_parameters",
+           "save_adapter"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -146,6 +147,20 @@ def load_base_model(args: ModelArgs, device: torch.device | str | None = None) -
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+    return prepare_base_model(model, args)
+
+
+def empty_base_model(args: ModelArgs) -> PreTrainedModel:
+    """The base :func:`load_base_model` loads, built from the model's config on the meta device: every weight and
+    buffer a placeholder without memory, of the same shape and dtype, tied weights tied, frozen and prepared alike
+    (attention kernel, checkpointing), so that LoRA attaches to it as to the loaded base. Nothing is read but the
+    config; the values come later, from a rank that loaded them (:func:`varlora.sharding.load_sharded_model`).
+    ``args.quantization`` must be ``"none"`` (a sharded base is never quantised)."""
+    source, gguf_file = resolve_model_source(args.name)
+    config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)  # a GGUF file's config carries no quantizer
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[args.dtype],
+                                                 attn_implementation=args.attn_implementation)
     return prepare_base_model(model, args)
 
 

@@ -109,8 +109,9 @@ def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True, ne
     initialised model of a real size, for a benchmark); the model is frozen in place (prepared for
     ``config.model``'s gradient checkpointing, for k-bit training if bitsandbytes quantised it), gets LoRA and is
     moved to this process's device. A base loaded here is loaded onto its device directly (``model.device_map``).
-    Under ``model.sharding=fsdp`` with several ranks the base is loaded onto the host and the model, LoRA
-    included, is sharded over the ranks (:func:`varlora.sharding.shard_model`), each shard on its rank's device.
+    Under ``model.sharding=fsdp`` with several ranks the model, LoRA included, is sharded over the ranks
+    (:func:`varlora.sharding.shard_model`), each shard on its rank's device; a base loaded here is read by rank 0
+    only, onto the host, and each rank receives its shards from it (:func:`varlora.sharding.load_sharded_model`).
     """
     if (base_model is None) != (tokenizer is None):
         raise ValueError("setup: pass base_model and tokenizer together, or neither")
@@ -121,16 +122,17 @@ def setup(config: RunConfig, run_dir: str | Path, *, need_train: bool = True, ne
     shard = sharding.shards(config)
     if base_model is None:
         tokenizer = load_tokenizer(config.model.name)
-        # prepared, and already where device_map put it (sharded: on the host, until each layer's shard moves)
-        base_model = load_base_model(config.model, torch.device("cpu") if shard else device)
-        model = attach_lora(base_model, config.lora, seed=config.train.seed)  # LoRA is made beside each layer
+        if shard:
+            model = sharding.load_sharded_model(config.model, config.lora, seed=config.train.seed)
+        else:  # prepared, and already where device_map put it; LoRA is made beside each layer
+            model = attach_lora(load_base_model(config.model, device), config.lora, seed=config.train.seed)
     else:
         prepare_base_model(base_model, config.model)
         model = attach_lora(base_model, config.lora, seed=config.train.seed)
-        if not shard:
+        if shard:
+            sharding.shard_model(model)
+        else:
             model.to(device)
-    if shard:
-        sharding.shard_model(model)
     if distributed.rank() > 0:  # the same LoRA initialisation on every rank, but rank-specific dropout
         torch.manual_seed(config.train.seed * 1_000_003 + distributed.rank())
     if not need_data:

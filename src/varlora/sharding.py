@@ -29,28 +29,37 @@ crosses ranks:
 - Evaluation with ``eval.batched_samples`` runs the samples one forward each (the folded forward needs whole LoRA
   weights).
 
-The base is loaded onto the host, one copy per rank, and each layer is moved to the rank's device as it is sharded:
-the GPUs hold only shards (a 70B bf16 base on 8 GPUs: 17.5 GB of weights each), the host memory the base once per
-rank (loading on the meta device with rank 0 broadcasting the weights is not implemented). With one process nothing
-is sharded (the model is used as is). Quantised (bitsandbytes) bases cannot be sharded. Tested on CPU with gloo
-(``tests/test_fsdp.py``); not tested with gradient checkpointing, nor on GPUs.
+Only rank 0 reads the base (:func:`load_sharded_model`, as accelerate's ``cpu_ram_efficient_loading`` and
+torchtitan do): it loads the base onto the host, while the other ranks build the same model on the meta device
+(:func:`varlora.models.empty_base_model`, no memory); every rank attaches LoRA and shards, then receives its
+shards of rank 0's full state dict, broadcast one tensor at a time (:func:`load_from_rank0`). So the base is on
+the host once, in rank 0's memory until the shards are out, and on the GPUs only as shards (a 70B bf16 base on 8
+GPUs: 140 GB of host memory for rank 0 while loading, none for the others; 17.5 GB of weights per GPU). A base given
+in memory (:func:`varlora.session.setup`'s ``base_model``) is every rank's own and is sharded as it is. With one
+process nothing is sharded (the model is used as is). Quantised (bitsandbytes) bases cannot be sharded. Tested on
+CPU with gloo (``tests/test_fsdp.py``, gradient checkpointing included); not tested on GPUs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from itertools import chain
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from peft import PeftModel
 from torch import nn
 
 from varlora import distributed
-from varlora.config import ConfigError, RunConfig
+from varlora.config import ConfigError, LoraArgs, ModelArgs, RunConfig
+from varlora.models import attach_lora, empty_base_model, load_base_model
 from varlora.optim._dtensor import full, like
 from varlora.optim._dtensor import is_sharded as is_dtensor
 
-__all__ = ["full_tensors", "full_weights", "is_sharded", "shard_model", "shard_optimizer_state", "shards"]
+__all__ = ["full_tensors", "full_weights", "is_sharded", "load_from_rank0", "load_sharded_model", "shard_model",
+           "shard_optimizer_state", "shards"]
 
 
 def shards(config: RunConfig) -> bool:
@@ -79,6 +88,43 @@ def shard_model(model: nn.Module) -> None:
     for layer in layers:
         fully_shard(layer, reshard_after_forward=True)
     fully_shard(model, reshard_after_forward=True)
+
+
+def load_sharded_model(args: ModelArgs, lora: LoraArgs, seed: int) -> PeftModel:
+    """The base of ``args`` with LoRA initialised from ``seed`` (:func:`varlora.models.attach_lora`), sharded over
+    the ranks (:func:`shard_model`), the base read by rank 0 only: rank 0 loads it onto the host, the other ranks
+    build it on the meta device (:func:`varlora.models.empty_base_model`), and after sharding every rank receives its
+    shards of rank 0's weights, LoRA's included (:func:`load_from_rank0`). Every rank enters."""
+    if distributed.is_main():
+        model = attach_lora(load_base_model(args, torch.device("cpu")), lora, seed=seed)
+        full_state = model.state_dict()  # keeps the full tensors through fully_shard, until they are broadcast
+    else:
+        model, full_state = attach_lora(empty_base_model(args), lora, seed=seed), {}
+    shard_model(model)
+    load_from_rank0(model, full_state)
+    return model
+
+
+def load_from_rank0(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Give every rank of the sharded ``model`` (:func:`shard_model`) its shards of rank 0's ``state_dict`` (full
+    tensors, e.g. the state dict of the model before sharding; ``{}`` on the other ranks) and rank 0's
+    non-persistent buffers, which no state dict holds (e.g. rotary ``inv_freq``).
+
+    A rank whose model is on the meta device first allocates its shards and buffers on its device
+    (``to_empty``; tied parameters stay one parameter); torch's ``set_model_state_dict`` with
+    ``broadcast_from_rank0`` then broadcasts each full tensor and every rank copies its slice into its shard. Peak
+    memory beyond the shards: one full tensor at a time. Every rank enters."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.device.type == "meta" for t in chain(model.parameters(), model.buffers())):
+        model.to_empty(device=distributed.local_device())
+    set_model_state_dict(model, state_dict,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for module in model.modules():
+            for name in sorted(module._non_persistent_buffers_set):
+                if (buffer := module._buffers.get(name)) is not None:
+                    dist.broadcast(buffer, src=0)
 
 
 def full_tensors(value: Any) -> Any:
