@@ -184,7 +184,8 @@ def measure(folder: str, path: str, method: str, steps: int, scoring: str) -> di
     peak = PeakMemory(torch.device("cpu"))
     peak.reset()
     before = _rss()
-    session = setup(config, tempfile.mkdtemp())
+    run_dir = tempfile.TemporaryDirectory()  # removed when the process ends
+    session = setup(config, run_dir.name)
     # page in memory-mapped weights, as a GPU copy would: one read per page (a rank's shards are copies already)
     for t in [*session.model.parameters(), *session.model.buffers()]:
         t = local(t)
@@ -231,7 +232,7 @@ def _tokenizer():
                                    padding_side="left")
 
 
-def _save_small_model(shape: tuple[int, ...]) -> str:
+def _save_small_model(shape: tuple[int, ...], folder: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     L, h, inter, heads, kv, vocab = shape
@@ -239,10 +240,8 @@ def _save_small_model(shape: tuple[int, ...]) -> str:
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=L, num_attention_heads=heads,
         num_key_value_heads=kv, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
-    folder = tempfile.mkdtemp()
     model.save_pretrained(folder)
     _tokenizer().save_pretrained(folder)
-    return folder
 
 
 def _measured(command: list[str], what: str, mmap_threshold: int) -> str:
@@ -295,8 +294,10 @@ def main() -> None:
     h, (L1, L2) = args.hidden, args.layers
     shapes = {L: _small_shape(h, L) for L in (L1, L2)}
     rows: dict[int, dict[str, Any]] = {}
+    model_dirs = {L: tempfile.TemporaryDirectory() for L in shapes}  # removed when the process ends
     for L, shape in shapes.items():
-        folder = _save_small_model(shape)
+        folder = model_dirs[L].name
+        _save_small_model(shape, folder)
         n_lin, n_other = counts(*shape)
         print(f"small model: {L} layers, hidden {h}, intermediate {shape[2]}, vocabulary {shape[5]}: "
               f"{n_lin / 1e6:.1f}M decoder-linear + {n_other / 1e6:.1f}M other parameters")
