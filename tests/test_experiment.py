@@ -66,6 +66,8 @@ def test_a_zero_shot_variant_runs_once_at_the_first_seed(tmp_path):
     preset = load_preset(str(path))
     assert [(v, s) for _, v, s, _ in run_configs(preset)] == [("ivon", 5), ("zs", 5), ("ivon", 3)]
     assert [(v, s) for _, v, s, _ in run_configs(preset, seeds=[3])] == [("ivon", 3)]
+    with pytest.raises(ConfigError, match=r"no run for seeds \[3\] of the variants \['zs'\].*first seed, 5"):
+        run_configs(preset, seeds=[3], variants=["zs"])  # was an IndexError in run_experiment
 
 
 def test_variant_seeds_run_a_variant_on_fewer_seeds(tmp_path):

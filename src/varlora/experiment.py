@@ -152,6 +152,11 @@ def run_configs(preset: Preset, tasks: Sequence[str] | None = None, seeds: Seque
                 if seed not in preset.variant_seeds.get(variant, [seed]):
                     continue  # a variant the preset runs on fewer seeds (e.g. one shown dominated before)
                 runs.append((task, variant, seed, config))
+    if not runs:
+        raise ConfigError(f"preset {preset.name!r} has no run for seeds {list(seeds or preset.seeds)} of the variants "
+                          f"{list(variants or preset.variants)}: a seed-independent variant (zero-shot) runs only at "
+                          f"the first seed, {preset.seeds[0]}, and variant_seeds limits "
+                          f"{sorted(preset.variant_seeds) or 'no variant'}")
     posthoc = {v for _, v, _, c in runs if get_method(c.method.name).posthoc_of}
     return sorted(runs, key=lambda run: (preset.seeds.index(run[2]), list(preset.tasks).index(run[0]),
                                          run[1] in posthoc))
