@@ -193,9 +193,8 @@ class IVONMethod(Method):
         """Read the posterior off the trained optimizer; with calibration questions (``data.calibration``), choose
         τ* in ``ivon.tau_grid`` by the NLL of the predictive there (the Bayesian counterpart of a temperature)."""
         self.posterior = Posterior.from_optimizer(self.session.params, self.optimizer).to(self._device())
-        std = torch.cat([s.flatten() for s in self.posterior.std.values()])
         scale = scale_over_means(self.posterior.std, {n: full(p.detach()) for n, p in self.session.params.items()})
-        fit = {"ess": self.ess, "hess_init": self.hess_init, "sigma_mean": float(std.mean()),
+        fit = {"ess": self.ess, "hess_init": self.hess_init, "sigma_mean": scale["sigma"],
                "sigma_over_abs_mean_a": None if math.isnan(scale["ratio_a"]) else scale["ratio_a"]}
         log(f"ivon posterior: ess {self.ess:.4g}, h0 {self.hess_init:.4g}, mean sigma {fit['sigma_mean']:.4g}, "
             f"sigma / |m| on LoRA A {fit['sigma_over_abs_mean_a']}")
