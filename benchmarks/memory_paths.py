@@ -148,6 +148,11 @@ def _weight_bytes(model: torch.nn.Module) -> tuple[int, int, int, int]:
     return lin_bytes, lin_n, other_bytes, other_n
 
 
+def _is_fsdp(path: str) -> bool:
+    """Whether a path of :data:`PATHS` shards the model over :data:`RANKS` processes."""
+    return PATHS[path].get("sharding") == "fsdp"
+
+
 def _fsdp_bytes(model: torch.nn.Module) -> dict[str, int]:
     """Of a model sharded by :func:`varlora.sharding.shard_model`: this rank's bytes of the base (its local shards
     of the base's parameters), the full bytes of the largest decoder layer (LoRA included) and of the root's own
@@ -167,7 +172,7 @@ def _fsdp_bytes(model: torch.nn.Module) -> dict[str, int]:
 def measure(folder: str, path: str, method: str, steps: int, scoring: str) -> dict:
     """In a fresh process (one rank of a torchrun launch for an FSDP path): load through ``setup`` and run
     ``steps`` training steps; memory of each stage."""
-    sharded = PATHS[path].get("sharding") == "fsdp"
+    sharded = _is_fsdp(path)
     if sharded:
         distributed.init()  # gloo on the CPU, from torchrun's environment
     data_dir = resolve_data_dir() or find_demo_data()
@@ -306,7 +311,7 @@ def main() -> None:
             what = f"{path} at {L} layers"
             command = [__file__, "--folder", folder, "--measure", path, "--method", args.method,
                        "--steps", str(args.steps), "--scoring", args.scoring]
-            if PATHS[path].get("sharding") == "fsdp":
+            if _is_fsdp(path):
                 with tempfile.TemporaryDirectory() as out:
                     _measured([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                str(RANKS), *command, "--out", out], what, args.mmap_threshold)
@@ -314,8 +319,8 @@ def main() -> None:
             else:
                 done = _measured([sys.executable, *command], what, args.mmap_threshold)
                 rows[L][path] = json.loads(done.strip().splitlines()[-1])
-    single = [p for p in args.paths if PATHS[p].get("sharding") != "fsdp"]
-    sharded = [p for p in args.paths if PATHS[p].get("sharding") == "fsdp"]
+    single = [p for p in args.paths if not _is_fsdp(p)]
+    sharded = [p for p in args.paths if _is_fsdp(p)]
     print(f"\nmethod {args.method}, {args.steps} training steps of {BATCH} ARC-Easy questions ({args.scoring}), "
           f"LoRA r 8 on q,v; FSDP paths: {RANKS} processes (gloo), each {BATCH // RANKS} questions of every batch; "
           "memory above the RSS before loading (peak RSS from a trimmed heap), per process; glibc's mmap threshold "
