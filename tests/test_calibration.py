@@ -129,14 +129,16 @@ def test_a_reloaded_run_predicts_the_same_calibrated_rows(finished):
 
 
 def test_the_posterior_scale_rule_reproduces_the_tuned_setting_and_scales_with_data_and_width():
-    ess, h0 = posterior_scale_rule(IVONArgs(), n_train=64, width=576)
-    assert ess == pytest.approx(1e5) and h0 == pytest.approx(0.01)  # the tune-ivon-cpu winner
     ess, h0 = posterior_scale_rule(IVONArgs(), n_train=256, width=576)
-    assert ess == pytest.approx(4e5) and (ess * h0) ** -0.5 == pytest.approx(AUTO_SIGMA_SCALE / 576**0.5)
+    assert ess == pytest.approx(5e4) and h0 == pytest.approx(0.02)  # the tune-rule-cpu fit
+    ess, h0 = posterior_scale_rule(IVONArgs(), n_train=64, width=576)
+    assert ess == pytest.approx(1.25e4) and (ess * h0) ** -0.5 == pytest.approx(AUTO_SIGMA_SCALE / 576**0.5)
+    tuned = IVONArgs(ess_per_example=1e5 / 64)  # the tune-ivon-cpu winner: ess 1e5, h0 0.01 at N = 64
+    assert posterior_scale_rule(tuned, n_train=64, width=576) == pytest.approx((1e5, 0.01))
     paper = IVONArgs(ess=1e6, sigma_scale=(4096 / 1e3) ** 0.5)  # Llama-2-7B, ARC: ess 1e6, h0 1e-3
     assert posterior_scale_rule(paper, n_train=2251, width=4096) == pytest.approx((1e6, 1e-3))
     assert posterior_scale_rule(IVONArgs(ess=3.0, hess_init=0.2), n_train=10, width=8) == (3.0, 0.2)
-    assert AUTO_ESS_PER_EXAMPLE * 64 == pytest.approx(1e5)
+    assert AUTO_ESS_PER_EXAMPLE * 256 == pytest.approx(5e4)
     with pytest.raises(ConfigError, match=r"ivon.hess_init=auto: the rule gives h0"):
         posterior_scale_rule(IVONArgs(weight_decay=1.0), n_train=64, width=576)
 
