@@ -42,7 +42,7 @@ _STATS = ("clip_fraction", "hess_mean", "sigma_mean", "grad_norm")
 #: Defaults of the posterior-scale rule (:func:`posterior_scale_rule`), fitted by ``varlora experiment
 #: tune-rule-cpu`` (ARC-Easy held-out training questions, 256 trained on for 5 epochs): ess 5e4 and h0 0.02 at
 #: N = 256 on a width of 576. sigma_scale is the tune-ivon-cpu winner's (ess 1e5, h0 0.01 on 64 questions).
-AUTO_ESS_PER_EXAMPLE = 1562.5 / 8
+AUTO_ESS_PER_EXAMPLE = 5e4 / 256
 AUTO_SIGMA_SCALE = (576 / (1e5 * 0.01)) ** 0.5
 #: The row at the τ chosen on the calibration questions, and the file of ``final/`` that keeps that τ.
 TAU_STAR_LABEL = "ivon[tau*]"
